@@ -1,0 +1,1 @@
+"""Pure-tensor algorithms (torch only, no transformers): log-probs, losses, advantages, aggregation."""

@@ -1,0 +1,67 @@
+"""Per-token and per-sequence log-probabilities, without materialising full-vocabulary logits.
+
+A preference step needs log p(token) only at completion positions. Computing the LM head over all
+positions and keeping [rows, length, vocab] float32 logits is the largest activation of a small
+model; `chunked_token_logps` applies the LM head to chunks of the selected positions only and
+recomputes each chunk in backward (activation checkpointing), so peak memory is
+O(chunk_size × vocab) instead of O(tokens × vocab), with identical values and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def selective_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] without the [N, V] log-softmax tensor.
+
+    Args:
+        logits: [N, V] float.
+        targets: [N] long, valid vocabulary ids.
+    Returns:
+        [N] float32 (or float64 when logits are float64) log-probabilities.
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return selective_logps(logits, targets)
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        targets: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of `targets` under an LM head applied to `hidden`, chunk by chunk.
+
+    Args:
+        hidden: [N, H] final hidden states at the selected positions.
+        weight: [V, H] LM-head weight; bias: [V] or None.
+        targets: [N] long next-token ids.
+        chunk_size: positions per chunk (peak extra memory ≈ chunk_size × V floats).
+        temperature: logits are divided by it (sampling temperature of online RL).
+    Returns:
+        [N] log-probabilities; gradients flow to hidden, weight and bias.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0)
+    outs = []
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if needs_grad:
+            outs.append(checkpoint(_chunk_logps, h, weight, bias, t, temperature, use_reentrant=False))
+        else:
+            outs.append(_chunk_logps(h, weight, bias, t, temperature))
+    return torch.cat(outs)
+
+
+def sequence_sums(values: torch.Tensor, seq_index: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    """Sum per-token `values` [N] into `n_seqs` sequences by `seq_index` [N] (ids in 0..n_seqs-1)."""
+    out = values.new_zeros(n_seqs)
+    return out.index_add(0, seq_index, values)

@@ -1,0 +1,187 @@
+"""The configuration schema: one pydantic class per concern, Axolotl's key names.
+
+Every class forbids unknown keys (`extra="forbid"`); `reinforge.config.loader` turns such an error
+into one that names the closest valid key. Every field carries a description and its range.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RLMethod = Literal["dpo", "ipo", "kto", "orpo", "simpo", "grpo", "gdpo", "ebft"]
+
+
+class StrictModel(BaseModel):
+    """Base of every config class: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DatasetConfig(StrictModel):
+    """One entry of `datasets:` / `test_datasets:` (Axolotl's keys)."""
+
+    path: str = Field(description="Local file or directory (json, jsonl, parquet, csv, arrow) or a Hugging Face dataset name.")
+    type: str | dict[str, Any] | None = Field(
+        default=None,
+        description="Format of the rows, e.g. `chat_template.default`, `chatml.intel`, a dict (user_defined) "
+        "or `module.fn`. None: detect TRL's standard/conversational preference formats.",
+    )
+    split: str = Field(default="train", description="Split to load; slices such as `train[:500]` are allowed.")
+    name: str | None = Field(default=None, description="Dataset configuration name (Hugging Face `name`).")
+    ds_type: Literal["json", "jsonl", "parquet", "csv", "arrow"] | None = Field(
+        default=None, description="File type for local data; inferred from the extension when omitted."
+    )
+    data_files: str | list[str] | None = Field(default=None, description="File(s) to load from `path` (a directory or a Hub dataset).")
+    # chat_template.* options
+    field_messages: str | None = Field(default=None, description="Column holding the prompt conversation (list of messages).")
+    field_chosen: str | None = Field(default=None, description="Column holding the chosen response (message, list of messages or string).")
+    field_rejected: str | None = Field(default=None, description="Column holding the rejected response.")
+    field_system: str | None = Field(default=None, description="Column holding a system prompt.")
+    field_prompt: str | None = Field(default=None, description="Column holding the prompt text.")
+    field_completion: str | None = Field(default=None, description="Column holding the completion (KTO).")
+    field_label: str | None = Field(default=None, description="Column holding the KTO label (bool).")
+    message_property_mappings: dict[str, str] | None = Field(
+        default=None, description="Map from standard message keys (role, content) to the keys the data uses, e.g. {role: from, content: value}."
+    )
+    roles: dict[str, list[str]] | None = Field(
+        default=None, description="Map from standard roles (system, user, assistant) to the role names the data uses, e.g. {user: [human], assistant: [gpt]}."
+    )
+    chat_template: str | None = Field(default=None, description="Per-dataset chat template override (as the top-level `chat_template`).")
+    remove_columns: str | list[str] | None = Field(default=None, description="Columns to drop after a `module.fn` transform; `__all__` drops all original columns.")
+
+
+class TRLConfig(StrictModel):
+    """The `trl:` section (Axolotl/TRL names): online RL (GRPO/GDPO) settings and shared knobs."""
+
+    beta: float | None = Field(default=None, ge=0.0, description="KL coefficient for GRPO (0: no reference model); for DPO-family an alias of `rl_beta`.")
+    num_generations: int = Field(default=8, ge=2, description="Completions sampled per prompt (GRPO group size).")
+    generation_batch_size: int | None = Field(default=None, ge=1, description="Completions generated per rollout batch; must be divisible by num_generations.")
+    max_completion_length: int = Field(default=256, ge=1, description="Maximum new tokens per completion.")
+    max_prompt_length: int | None = Field(default=None, ge=1, description="Prompts longer than this (tokens) are truncated from the left.")
+    temperature: float = Field(default=1.0, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_k: int | None = Field(default=None, ge=0, description="Top-k sampling (None/0: off).")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="Min-p sampling threshold.")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, description="Repetition penalty for sampling.")
+    generation_kwargs: dict[str, Any] | None = Field(default=None, description="Extra keyword arguments for the generator.")
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="Extra keyword arguments for apply_chat_template on prompts.")
+    reward_funcs: list[str] | None = Field(default=None, description="Reward functions as `module.fn` strings.")
+    reward_weights: list[float] | None = Field(default=None, description="One weight per reward function (default all 1).")
+    scale_rewards: Literal["group", "batch", "none"] | bool = Field(default="group", description="Std used to scale advantages: per group, over the batch, or none (True=group, False=none).")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        default="sum_then_normalize", description="How several rewards become one advantage; `rl: gdpo` sets normalize_then_sum."
+    )
+    loss_type: str = Field(default="dapo", description="Policy loss aggregation: grpo, bnpo, dr_grpo, dapo.")
+    epsilon: float = Field(default=0.2, ge=0.0, description="Lower clipping range of the importance ratio.")
+    epsilon_high: float | None = Field(default=None, ge=0.0, description="Upper clipping range (default: epsilon).")
+    num_iterations: int = Field(default=1, ge=1, description="Optimisation passes over one rollout batch.")
+    importance_sampling_level: Literal["token", "sequence"] = Field(default="token", description="Importance ratio per token, or per sequence (GSPO).")
+    mask_truncated_completions: bool = Field(default=False, description="Exclude completions that hit max_completion_length from the loss.")
+    log_completions: bool = Field(default=False, description="Print and save prompt/completion/reward tables every logging step.")
+    num_completions_to_print: int | None = Field(default=None, ge=1, description="Rows of the completions table to print.")
+    rollout_func: str | None = Field(default=None, description="`module.fn` that replaces generation.")
+    reward_num_workers: int = Field(default=1, ge=1, description="Processes scoring rewards (>1: a subprocess pool).")
+    reward_timeout: float | None = Field(default=None, gt=0.0, description="Per-call timeout (s) for reward functions in the worker pool.")
+    use_vllm: bool = Field(default=False, description="Generate through a vLLM server instead of in-process.")
+
+
+class ReinforgeConfig(StrictModel):
+    """A whole training run. Keys follow Axolotl; see docs/config.md."""
+
+    # --- model ---
+    base_model: str = Field(description="Hugging Face directory, Hub id (offline when cached) or a `.gguf` file.")
+    tokenizer_config: str | None = Field(default=None, description="Tokenizer directory/id, if not the model's own.")
+    chat_template: str | None = Field(
+        default=None,
+        description="`tokenizer_default` (the tokenizer's own), `chatml`, `llama3`, ... or `jinja` with `chat_template_jinja`.",
+    )
+    chat_template_jinja: str | None = Field(default=None, description="A Jinja chat template, used with `chat_template: jinja`.")
+    ref_model: str | None = Field(default=None, description="Path/id of a different reference model.")
+    rl_adapter_ref_model: bool = Field(default=False, description="With an adapter: load a separate frozen reference copy instead of disabling the adapter.")
+
+    # --- method ---
+    rl: RLMethod = Field(description="Training method: dpo, ipo, kto, orpo, simpo, grpo, gdpo or ebft.")
+    rl_beta: float | None = Field(default=None, gt=0.0, description="Temperature β of the preference loss (default 0.1; SimPO 2.0).")
+    trl: TRLConfig = Field(default_factory=TRLConfig, description="TRL-style settings (online RL and shared knobs).")
+
+    # --- data ---
+    datasets: list[DatasetConfig] = Field(min_length=1, description="Training datasets, mixed in order.")
+    test_datasets: list[DatasetConfig] | None = Field(default=None, description="Evaluation datasets (instead of `val_set_size`).")
+    val_set_size: float = Field(default=0.0, ge=0.0, description="Held-out eval split: a fraction in (0, 1) or a row count >= 1.")
+    sequence_len: int = Field(default=2048, ge=8, description="Maximum tokens of prompt+completion per sequence.")
+    excess_length_strategy: Literal["truncate", "drop", "raise"] = Field(default="truncate", description="What to do with a sequence longer than sequence_len.")
+    truncation_mode: Literal["keep_start", "keep_end"] = Field(default="keep_end", description="Which end of an over-long prompt is kept.")
+    shuffle_merged_datasets: bool = Field(default=True, description="Shuffle the rows after mixing datasets.")
+    dataset_prepared_path: str | None = Field(default=None, description="Directory of the prepared-dataset cache (default ~/.cache/reinforge/prepared).")
+
+    # --- batch and schedule ---
+    micro_batch_size: int = Field(default=1, ge=1, description="Rows (pairs, examples or prompts) per forward pass per process.")
+    eval_batch_size: int | None = Field(default=None, ge=1, description="Rows per eval forward (default micro_batch_size).")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
+    num_epochs: float = Field(default=1.0, gt=0.0, description="Passes over the training data.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps (overrides num_epochs).")
+    learning_rate: float = Field(default=5e-6, gt=0.0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial"] = Field(
+        default="cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps (exclusive with warmup_ratio).")
+    warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="Warm-up as a fraction of total steps.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw", "adam", "sgd", "adafactor"] = Field(
+        default="adamw_torch", description="Optimiser."
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW β1.")
+    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0, description="AdamW β2.")
+    adam_epsilon: float = Field(default=1e-8, gt=0.0, description="AdamW ε.")
+    max_grad_norm: float | None = Field(default=1.0, ge=0.0, description="Clip the gradient norm to this (None or 0: no clipping).")
+
+    # --- adapter ---
+    adapter: Literal["lora", "qlora"] | None = Field(default=None, description="Train a LoRA (or QLoRA) adapter instead of all weights.")
+    lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(default=16, gt=0, description="LoRA scaling α.")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | str | None = Field(default=None, description="Module names to adapt (e.g. [q_proj, v_proj]).")
+    lora_target_linear: bool = Field(default=False, description="Adapt every linear layer except the LM head.")
+    lora_modules_to_save: list[str] | None = Field(default=None, description="Modules trained in full and saved with the adapter.")
+
+    # --- precision and memory ---
+    bf16: bool | Literal["auto"] = Field(default=False, description="Train in bfloat16 mixed precision (auto: when supported).")
+    fp16: bool = Field(default=False, description="Train in float16 mixed precision (GPU only).")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
+
+    # --- output, logging, evaluation ---
+    output_dir: str = Field(default="./outputs", description="Where checkpoints, metrics and the final model go.")
+    overwrite_output_dir: bool = Field(default=False, description="Allow writing into a non-empty output_dir.")
+    logging_steps: int = Field(default=1, ge=1, description="Log training metrics every N optimiser steps.")
+    eval_steps: int | None = Field(default=None, ge=1, description="Evaluate every N steps (also before the first and after the last).")
+    save_steps: int | None = Field(default=None, ge=1, description="Write a checkpoint every N steps.")
+    seed: int = Field(default=42, ge=0, description="Random seed (data order, initialisation, sampling).")
+    use_tensorboard: bool = Field(default=True, description="Also write metrics to TensorBoard under output_dir/runs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReinforgeConfig":
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set either warmup_steps or warmup_ratio, not both")
+        if self.bf16 is True and self.fp16:
+            raise ValueError("set either bf16 or fp16, not both")
+        if self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size):
+            raise ValueError("val_set_size must be a fraction in (0, 1) or a whole row count >= 1")
+        if self.chat_template == "jinja" and not self.chat_template_jinja:
+            raise ValueError("chat_template: jinja needs chat_template_jinja")
+        if self.chat_template_jinja and self.chat_template not in (None, "jinja"):
+            raise ValueError("chat_template_jinja is used only with chat_template: jinja")
+        if self.rl in ("dpo", "ipo", "kto", "orpo", "simpo"):
+            if self.rl_beta is not None and self.trl.beta is not None and self.rl_beta != self.trl.beta:
+                raise ValueError(f"rl_beta={self.rl_beta} and trl.beta={self.trl.beta} disagree; set one")
+        return self
+
+    @property
+    def beta(self) -> float:
+        """β of the preference loss: `rl_beta`, else `trl.beta`, else 0.1."""
+        if self.rl_beta is not None:
+            return self.rl_beta
+        if self.trl.beta is not None:
+            return self.trl.beta
+        return 0.1

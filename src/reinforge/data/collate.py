@@ -1,0 +1,81 @@
+"""Collators: tokenised rows → model batches in which each scored token knows its sequence.
+
+A batch holds R rows of L tokens and S scored sequences:
+- `input_ids` [R, L] long, `attention_mask` [R, L] long (1 = real token), `position_ids` [R, L];
+- `targets` [R, L] long: the next token at each position that predicts a completion token, else -100
+  (prompt tokens are never scored);
+- `seq_index` [R, L] long: which of the S sequences a scored position belongs to, else -1;
+- `n_tokens` [S]: scored tokens per sequence.
+Paired batches list sequences as [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]; unpaired as
+[completion_0..completion_{B-1}] (plus `labels` [B] bool).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE = -100
+
+
+def pad_sequences(seqs: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per sequence, right-padded. Each item is (token ids, number of leading unscored tokens).
+
+    Returns the tensors described in the module docstring, with S = R = len(seqs).
+    """
+    length = max(len(ids) for ids, _ in seqs)
+    R = len(seqs)
+    input_ids = torch.full((R, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((R, length), dtype=torch.long)
+    targets = torch.full((R, length), IGNORE, dtype=torch.long)
+    seq_index = torch.full((R, length), -1, dtype=torch.long)
+    n_tokens = torch.zeros(R, dtype=torch.long)
+    for r, (ids, n_unscored) in enumerate(seqs):
+        n = len(ids)
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[r, :n] = t
+        attention[r, :n] = 1
+        start = max(n_unscored, 1)  # the first token is never predicted
+        # position p predicts token p+1: scored positions are start-1 .. n-2
+        targets[r, start - 1 : n - 1] = t[start:]
+        seq_index[r, start - 1 : n - 1] = r
+        n_tokens[r] = n - start
+    position_ids = torch.arange(length).unsqueeze(0).expand(R, -1).clone()
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
+            "targets": targets, "seq_index": seq_index, "n_tokens": n_tokens}
+
+
+class PairedCollator:
+    """Rows with prompt_ids/chosen_ids/rejected_ids → a padded batch of 2B sequences."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        seqs = [(r["prompt_ids"] + r["chosen_ids"], len(r["prompt_ids"])) for r in rows]
+        seqs += [(r["prompt_ids"] + r["rejected_ids"], len(r["prompt_ids"])) for r in rows]
+        batch = pad_sequences(seqs, self.pad_id)
+        batch["n_pairs"] = len(rows)
+        _add_ref(batch, rows, ("ref_chosen_logps", "ref_rejected_logps"))
+        return batch
+
+
+class UnpairedCollator:
+    """Rows with prompt_ids/completion_ids/label → a padded batch of B sequences and `labels` [B]."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        seqs = [(r["prompt_ids"] + r["completion_ids"], len(r["prompt_ids"])) for r in rows]
+        batch = pad_sequences(seqs, self.pad_id)
+        batch["labels"] = torch.tensor([bool(r["label"]) for r in rows])
+        _add_ref(batch, rows, ("ref_logps",))
+        return batch
+
+
+def _add_ref(batch: dict[str, Any], rows: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    """Carry precomputed reference log-probs, when the rows have them, as one [S] tensor."""
+    if all(k in rows[0] for k in keys):
+        batch["ref_logps"] = torch.cat([torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in keys])

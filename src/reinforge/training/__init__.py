@@ -1,0 +1,1 @@
+"""Training loops (offline preference, online RL), optimiser/scheduler, metrics, checkpoints."""

@@ -1,0 +1,19 @@
+"""Choose the loop for a method from the method table (offline or online)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reinforge.algorithms.registry import method
+from reinforge.config.schema import ReinforgeConfig
+
+
+def train(cfg: ReinforgeConfig) -> dict[str, Any]:
+    """Run training for `cfg`; returns the run summary."""
+    if method(cfg.rl).online:
+        from reinforge.training.online import train_online
+
+        return train_online(cfg)
+    from reinforge.training.offline import train_offline
+
+    return train_offline(cfg)

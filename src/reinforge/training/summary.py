@@ -1,0 +1,31 @@
+"""The short summary printed at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from reinforge.config.schema import ReinforgeConfig
+from reinforge.data.tokenize import TokenizeStats
+
+KEYS = ("loss", "rewards/accuracies", "rewards/margins", "reward")
+
+
+def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: TokenizeStats, out_dir: Path) -> dict[str, Any]:
+    """Print first/last train metrics, eval before/after, data counts and the output path; return them."""
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if any(k.startswith("eval_") for k in h)]
+    summary: dict[str, Any] = {"steps": train[-1]["step"] if train else 0, "output_dir": str(out_dir)}
+    lines = [f"reinforge {cfg.rl}: {summary['steps']} steps → {out_dir}"]
+    for key in KEYS:
+        if train and key in train[0]:
+            summary[f"first_{key}"], summary[f"last_{key}"] = train[0][key], train[-1][key]
+            lines.append(f"  train {key:<20} first {train[0][key]:.4f}  last {train[-1][key]:.4f}")
+        ek = f"eval_{key}"
+        if evals and ek in evals[0]:
+            summary[f"eval_before_{key}"], summary[f"eval_after_{key}"] = evals[0][ek], evals[-1][ek]
+            lines.append(f"  eval  {key:<20} before {evals[0][ek]:.4f}  after {evals[-1][ek]:.4f}")
+    lines.append(f"  data: {stats.rows_in} rows in, {stats.rows_out} used, {stats.truncated} truncated, "
+                 f"{stats.dropped_too_long + stats.dropped_no_completion} dropped")
+    print("\n".join(lines), flush=True)
+    return summary
