@@ -74,3 +74,13 @@ def response_messages(value: Any, ds: DatasetConfig, field_name: str) -> list[di
     if isinstance(value, list) and value:
         return normalize_messages(value, ds, field_name)
     raise RowError(field_name, f"expected a string, a message or a non-empty list of messages, got {value!r:.80}")
+
+
+def label_value(row: dict[str, Any], name: str) -> bool:
+    """A KTO label: a bool (or the integers 0/1). Raises RowError naming the field otherwise."""
+    value = field(row, name)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise RowError(name, f"expected a bool (true = desirable completion), got {type(value).__name__} {value!r:.40}")
