@@ -33,7 +33,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _scalar(yaml.safe_load(raw)) if raw != "" else None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -42,6 +42,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
         node[parts[-1]] = value
     return out
+
+
+def _scalar(value: Any) -> Any:
+    """YAML 1.1 reads `1e-5` as a string; read number-like strings as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,10 @@ class TRLConfig(StrictModel):
     use_vllm: bool = Field(default=False, description="Generate through a vLLM server instead of in-process.")
 
 
-class ReinforgeConfig(StrictModel):
+from reinforge.config.preference import PreferenceKeys  # noqa: E402
+
+
+class ReinforgeConfig(PreferenceKeys, StrictModel):
     """A whole training run. Keys follow Axolotl; see docs/config.md."""
 
     # --- model ---

@@ -1,0 +1,1 @@
+"""Model side: tokenizer/policy/reference loading, LoRA, GGUF conversion, log-prob forward, saving."""
