@@ -65,3 +65,19 @@ def sequence_sums(values: torch.Tensor, seq_index: torch.Tensor, n_seqs: int) ->
     """Sum per-token `values` [N] into `n_seqs` sequences by `seq_index` [N] (ids in 0..n_seqs-1)."""
     out = values.new_zeros(n_seqs)
     return out.index_add(0, seq_index, values)
+
+
+def split_to_padded(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous per-sequence values [N] (sequence after sequence) → right-padded [S, T] and mask [S, T].
+
+    Args:
+        values: [N] with N = lengths.sum(); lengths: [S] long.
+    Returns:
+        (padded [S, T] with zeros in padding, mask [S, T] bool), T = max(lengths) (at least 1).
+    """
+    S = lengths.shape[0]
+    T = max(int(lengths.max()) if S else 0, 1)
+    mask = torch.arange(T, device=values.device).unsqueeze(0) < lengths.to(values.device).unsqueeze(1)
+    padded = values.new_zeros(S, T)
+    padded = padded.masked_scatter(mask, values)
+    return padded, mask
