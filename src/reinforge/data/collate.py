@@ -62,16 +62,46 @@ class PairedCollator:
 
 
 class UnpairedCollator:
-    """Rows with prompt_ids/completion_ids/label → a padded batch of B sequences and `labels` [B]."""
+    """Rows with prompt_ids/completion_ids/label → one batch of 2B sequences for KTO, plus `labels` [B].
 
-    def __init__(self, pad_id: int):
+    Sequence order (S = 2B; `n_tokens`, `seq_index` and the model's `logps` follow it):
+      0 .. B-1:   prompt_i + completion_i                 (the examples, in row order);
+      B .. 2B-1:  prompt_i + completion_{(i-1) mod B}     (mismatched pairs for KTO's KL reference point).
+    The mismatched pairs rotate the batch's completions by one, as TRL 1.16's KTOTrainer does per batch
+    ((x_1, y_B), (x_2, y_1), ..., (x_B, y_{B-1})), so the KL term uses the same completions as the rewards,
+    each after another prompt; one forward pass scores both. With B = 1 the "mismatched" pair is the
+    example itself (the config requires micro_batch_size >= 2; a last partial batch of one row can still
+    occur, as in TRL). `labels` [B] bool (True = desirable); `n_examples` = B.
+
+    Args:
+        pad_id: padding token id.
+        max_length: if set, a mismatched sequence longer than this keeps its first `max_length` tokens
+            (TRL's collator truncation; the examples themselves were fitted at tokenisation).
+    Raises (on call): ValueError for a row without a bool `label`, or rows carrying precomputed reference
+        log-probs (the mismatched pairs depend on the shuffled batch, so they cannot be precomputed per row).
+    """
+
+    def __init__(self, pad_id: int, max_length: int | None = None):
         self.pad_id = pad_id
+        self.max_length = max_length
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        for i, r in enumerate(rows):
+            if not isinstance(r.get("label"), bool):
+                raise ValueError(f"KTO row {i} needs a bool `label` (True = desirable), got {r.get('label')!r}")
+        if any("ref_logps" in r for r in rows):
+            raise ValueError("precomputed reference log-probs are not supported for KTO: the mismatched KL pairs "
+                             "change with every shuffled batch")
+        B = len(rows)
         seqs = [(r["prompt_ids"] + r["completion_ids"], len(r["prompt_ids"])) for r in rows]
+        for i, r in enumerate(rows):
+            ids = r["prompt_ids"] + rows[(i - 1) % B]["completion_ids"]
+            if self.max_length is not None:
+                ids = ids[: self.max_length]
+            seqs.append((ids, min(len(r["prompt_ids"]), len(ids))))
         batch = pad_sequences(seqs, self.pad_id)
-        batch["labels"] = torch.tensor([bool(r["label"]) for r in rows])
-        _add_ref(batch, rows, ("ref_logps",))
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
+        batch["n_examples"] = B
         return batch
 
 
