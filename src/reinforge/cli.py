@@ -17,6 +17,12 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="print the resolved config, or the errors")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
+    pp = sub.add_parser("preprocess", help="prepare and cache the data; print counts, token lengths and examples")
+    pp.add_argument("config")
+    pp.add_argument("overrides", nargs="*")
+    pp.add_argument("--examples", type=int, default=3, help="rows to render with their trained tokens marked")
+    pp.add_argument("--tokens", action="store_true", help="show every token boundary in the examples")
+    pp.add_argument("--rebuild", action="store_true", help="prepare again even when the cache has this data")
     c = sub.add_parser("convert-gguf", help="de-quantise a .gguf file into a Hugging Face model directory")
     c.add_argument("gguf")
     c.add_argument("out_dir")
@@ -38,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=False), sort_keys=False), end="")
             return 0
+        if args.command == "preprocess":
+            from reinforge.data.preview import preprocess
+
+            return preprocess(cfg, examples=args.examples, tokens=args.tokens, rebuild=args.rebuild)
         from reinforge.training.setup import RunError, setup_logging
 
         setup_logging()

@@ -118,6 +118,11 @@ class ReinforgeConfig(PreferenceKeys, StrictModel):
     truncation_mode: Literal["keep_start", "keep_end"] = Field(default="keep_end", description="Which end of an over-long prompt is kept.")
     shuffle_merged_datasets: bool = Field(default=True, description="Shuffle the rows after mixing datasets.")
     dataset_prepared_path: str | None = Field(default=None, description="Directory of the prepared-dataset cache (default ~/.cache/reinforge/prepared).")
+    dataset_exact_deduplication: bool = Field(
+        default=False,
+        description="Drop rows whose formatted record (prompt and responses) repeats an earlier one; evaluation rows "
+        "that also appear in the training data are dropped too. The count is reported.",
+    )
 
     # --- batch and schedule ---
     micro_batch_size: int = Field(default=1, ge=1, description="Rows (pairs, examples or prompts) per forward pass per process.")

@@ -1,7 +1,17 @@
-"""Load a `datasets[]` entry as a `datasets.Dataset`: local files, directories or Hub names."""
+"""Load a `datasets[]` entry as a `datasets.Dataset`: local files, directories or Hub names.
+
+Local sources: a file (json, jsonl, parquet, csv, arrow; the type comes from `ds_type` or the
+extension), a directory of such files (all of them, or `data_files` inside it), or a directory
+written by `Dataset.save_to_disk`. A local file has a single split; `split: train[:500]`,
+`split: test[10:20]` or `split: train[:10%]` keep their slice and apply it to that split.
+Anything else is a Hugging Face dataset name: `datasets.load_dataset(path, name, split=...,
+data_files=...)`, which works offline for cached datasets.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import datasets
@@ -13,42 +23,125 @@ _EXT_TO_BUILDER = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".c
 _TYPE_TO_BUILDER = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}
 
 
-def load_source(ds: DatasetConfig) -> datasets.Dataset:
-    """Load the rows of one dataset entry.
+def source_name(ds: DatasetConfig) -> str:
+    """How messages name a dataset entry: its path, plus `name` and a non-default split."""
+    out = ds.path
+    if ds.name:
+        out += f" ({ds.name})"
+    if ds.split != "train":
+        out += f" [{ds.split}]"
+    return out
 
-    Local file → the builder for its extension (or `ds_type`); local directory → its files (or
-    `data_files` inside it); anything else → `datasets.load_dataset(path, name, split=...)`, which
-    works offline for cached Hub datasets.
+
+def local_files(ds: DatasetConfig) -> list[Path] | None:
+    """The local files of a dataset entry (sorted), or None when `path` is not a local file or directory.
 
     Raises:
-        DataError: the source cannot be read or the split is empty.
+        DataError: a directory with no data files, or `data_files` that do not exist.
     """
     path = Path(ds.path).expanduser()
+    if not path.exists():
+        return None
+    if path.is_file():
+        return [path]
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if (path / "dataset_dict.json").is_file():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if ds.data_files:
+        names = [ds.data_files] if isinstance(ds.data_files, str) else list(ds.data_files)
+        files = [Path(f) if Path(f).is_absolute() else path / f for f in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(source_name(ds), None, "data_files", f"not found: {', '.join(missing)}")
+        return files
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _EXT_TO_BUILDER)
+    if not files:
+        raise DataError(source_name(ds), None, None, "directory holds no json/jsonl/parquet/csv/arrow files")
+    return files
+
+
+def fingerprint(ds: DatasetConfig) -> str | None:
+    """A hash of the contents of the entry's local files (None for Hub datasets).
+
+    Raises:
+        DataError: as `local_files`.
+    """
+    files = local_files(ds)
+    if files is None:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _local_split(split: str) -> str:
+    """A split expression for a single-split local source: the split name becomes `train`, the slice stays."""
+    return re.sub(r"^[A-Za-z0-9_\-]+", "train", split.strip(), count=1)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in _EXT_TO_BUILDER
+
+
+def load_source(ds: DatasetConfig) -> datasets.Dataset:
+    """Load the rows of one dataset entry (see the module docstring).
+
+    Raises:
+        DataError: the source cannot be found or read, or the split is empty.
+    """
+    name = source_name(ds)
+    path = Path(ds.path).expanduser()
     try:
-        if path.exists():
-            if path.is_dir():
-                files = ds.data_files or sorted(
-                    str(p) for p in path.iterdir() if p.suffix in _EXT_TO_BUILDER and p.is_file()
-                )
-                if isinstance(files, str):
-                    files = [files]
-                files = [str(path / f) if not Path(f).is_absolute() else f for f in files]
-                if not files:
-                    raise DataError(str(path), None, None, "directory holds no json/jsonl/parquet/csv/arrow files")
+        files = local_files(ds)
+        if files is not None:
+            split = _local_split(ds.split)
+            if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+                data = datasets.load_from_disk(str(path))
+                if isinstance(data, datasets.DatasetDict):
+                    base = re.match(r"^[A-Za-z0-9_\-]+", ds.split.strip())
+                    key = base.group(0) if base else "train"
+                    if key not in data:
+                        raise DataError(name, None, "split", f"no split `{key}`; splits: {', '.join(data)}")
+                    data = data[key]
+                slice_ = ds.split.strip()[len(re.match(r"^[A-Za-z0-9_\-]*", ds.split.strip()).group(0)):]
+                if slice_:
+                    data = _apply_slice(data, slice_, name)
             else:
-                files = [str(path)]
-            builder = _TYPE_TO_BUILDER[ds.ds_type] if ds.ds_type else _EXT_TO_BUILDER.get(Path(files[0]).suffix)
-            if builder is None:
-                raise DataError(str(path), None, None, "cannot tell the file type; set `ds_type`")
-            # The split of a local file is always "train"; slices ("train[:100]") still apply.
-            split = ds.split if ds.split.startswith("train") else "train"
-            data = datasets.load_dataset(builder, data_files=files, split=split)
+                builder = _TYPE_TO_BUILDER[ds.ds_type] if ds.ds_type else _EXT_TO_BUILDER.get(files[0].suffix)
+                if builder is None:
+                    raise DataError(name, None, "ds_type", f"cannot tell the file type of {files[0].name}; set `ds_type`")
+                data = datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split)
+        elif _looks_local(ds.path):
+            raise DataError(name, None, "path", f"file or directory not found: {path} (working directory: {Path.cwd()})")
         else:
             data = datasets.load_dataset(ds.path, ds.name, split=ds.split, data_files=ds.data_files)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; keep the message, add the source
-        raise DataError(ds.path, None, None, f"cannot load: {type(exc).__name__}: {exc}") from exc
+        raise DataError(name, None, None, f"cannot load: {type(exc).__name__}: {exc}") from exc
+    if isinstance(data, datasets.DatasetDict):
+        raise DataError(name, None, "split", f"got several splits ({', '.join(data)}); choose one with `split:`")
     if len(data) == 0:
-        raise DataError(ds.path, None, None, f"split `{ds.split}` is empty")
+        raise DataError(name, None, "split", f"split `{ds.split}` is empty")
     return data
+
+
+def _apply_slice(data: datasets.Dataset, slice_: str, name: str) -> datasets.Dataset:
+    """`[a:b]` / `[:10%]` on an in-memory Dataset (the same syntax `load_dataset` accepts)."""
+    m = re.fullmatch(r"\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\]", slice_)
+    if not m:
+        raise DataError(name, None, "split", f"cannot read the slice {slice_!r}; use e.g. train[:500] or train[10%:20%]")
+    n = len(data)
+
+    def pos(v: str | None, default: int) -> int:
+        if v is None:
+            return default
+        return round(n * int(v[:-1]) / 100) if v.endswith("%") else int(v)
+
+    a, b = pos(m.group(1), 0), pos(m.group(2), n)
+    return data.select(range(*slice(a, b).indices(n)))

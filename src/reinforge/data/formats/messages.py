@@ -65,6 +65,16 @@ def normalize_messages(value: Any, ds: DatasetConfig, field_name: str) -> list[d
     return [normalize_message(m, ds, field_name) for m in value]
 
 
+def prompt_messages(value: Any, ds: DatasetConfig, field_name: str) -> list[dict[str, str]]:
+    """A prompt conversation: a list of data messages, or a string (one user message, as Axolotl does)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    msgs = normalize_messages(value, ds, field_name)
+    if not msgs:
+        raise RowError(field_name, "empty conversation")
+    return msgs
+
+
 def response_messages(value: Any, ds: DatasetConfig, field_name: str) -> list[dict[str, str]]:
     """A chosen/rejected response given as a string, one message or a list → assistant message list."""
     if isinstance(value, str):
