@@ -143,12 +143,17 @@ def test_load_errors_name_the_string_and_the_cause(reward_dir, tmp_path):
 # ---------------------------------------------------------------- scoring
 
 
-def test_none_is_nan_and_columns_are_passed(reward_dir):
+def test_none_is_nan_and_columns_are_passed(reward_dir, caplog):
     funcs = load_reward_funcs([f"{reward_dir}.has_a", f"{reward_dir}.uses_column"])
     r = score(funcs, ["p"] * 3, ["abc", "xyz", ""], {"answer": [10, 20, 30]}, completion_ids=[[1], [1, 2], []])
     assert r.shape == (3, 2) and r.dtype == torch.float32
     assert r[:, 0].tolist()[:2] == [1.0, 0.0] and math.isnan(r[2, 0].item())
     assert r[:, 1].tolist() == [11.0, 22.0, 30.0]  # len(completion_ids) + answer
+    assert "None from every reward function" not in caplog.text
+    (only_a,) = load_reward_funcs([f"{reward_dir}.has_a"])
+    r = score([only_a], ["p", "the prompt"], ["a", ""], completion_ids=ids(2))
+    assert math.isnan(r[1, 0].item())
+    assert "1 of 2 completions got None from every reward function" in caplog.text and "the prompt" in caplog.text
 
 
 def test_raising_function_reports_function_sample_and_traceback(reward_dir):

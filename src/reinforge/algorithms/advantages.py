@@ -118,7 +118,7 @@ def group_relative_advantages(rewards: torch.Tensor, num_generations: int, scale
     n = rewards.shape[0]
     if num_generations < 1 or n % num_generations != 0:
         raise ValueError(f"{n} rewards cannot be split into groups of num_generations={num_generations}")
-    grouped = rewards.view(-1, num_generations)
+    grouped = rewards.reshape(-1, num_generations)
     mean = torch.nanmean(grouped, dim=1, keepdim=True).expand_as(grouped).reshape(-1)
     if scale == "batch":
         std = nanstd(rewards).expand_as(rewards) if n > 1 else torch.zeros_like(rewards)
@@ -160,7 +160,7 @@ def gdpo_advantages(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor
     n, k = rewards_per_func.shape
     if num_generations < 1 or n % num_generations != 0:
         raise ValueError(f"{n} rewards cannot be split into groups of num_generations={num_generations}")
-    grouped = rewards_per_func.view(-1, num_generations, k)
+    grouped = rewards_per_func.reshape(-1, num_generations, k)
     mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
     std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
     normalized = ((grouped - mean_k) / (std_k + eps)).reshape(n, k)

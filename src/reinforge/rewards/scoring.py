@@ -10,6 +10,7 @@ conversational prompts (`format_completions`).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
 STARTUP_TIMEOUT_S = 600.0
+
+logger = logging.getLogger(__name__)
 
 
 def is_conversational_prompt(prompt: Any) -> bool:
@@ -216,7 +219,8 @@ def score(funcs: Sequence[RewardFunc | Callable[..., Any]], prompts: list, compl
         pool: an open RewardPool with the same functions; overrides num_workers.
         dtype: of the result (default float32, as TRL).
     Returns:
-        [N, K] tensor; NaN where a function returned None.
+        [N, K] tensor; NaN where a function returned None (a row with every reward None is logged as a
+        warning, as TRL does).
     Raises:
         RewardFunctionError: a function raised (message: function name, offending sample, traceback),
             returned the wrong number or type of values, or timed out.
@@ -237,6 +241,12 @@ def score(funcs: Sequence[RewardFunc | Callable[..., Any]], prompts: list, compl
             per_func = tmp.score_lists(prompts, completions, completion_ids, columns, timeout)
     else:
         per_func = [call_reward(f.fn, f.name, prompts, completions, completion_ids, columns) for f in rfuncs]
-    result = torch.tensor(per_func, dtype=dtype or torch.float32).T.contiguous() if n else \
-        torch.zeros(0, len(rfuncs), dtype=dtype or torch.float32)
+    if n == 0:
+        return torch.zeros(0, len(rfuncs), dtype=dtype or torch.float32)
+    result = torch.tensor(per_func, dtype=dtype or torch.float32).T.contiguous()
+    unscorable = torch.isnan(result).all(dim=1)
+    if unscorable.any():
+        i = int(unscorable.nonzero()[0, 0])
+        logger.warning("%d of %d completions got None from every reward function (advantage 0), e.g. completion %d: "
+                       "prompt %.200r, completion %.200r", int(unscorable.sum()), n, i, prompts[i], completions[i])
     return result
