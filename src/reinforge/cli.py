@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=False), sort_keys=False), end="")
             return 0
+        from reinforge.rewards import RewardFunctionError, RewardLoadError
         if args.command == "preprocess":
             from reinforge.data.preview import preprocess
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             train(cfg)
-        except RunError as exc:
+        except (RunError, RewardFunctionError, RewardLoadError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -109,3 +109,29 @@ def test_non_empty_output_dir_is_refused(tmp_path, tiny_model_dir, demo_rows, ca
     assert main(["train", str(cfg)]) == 1
     assert "overwrite_output_dir" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_precomputed_reference_matches_and_is_cached(tmp_path, tiny_model_dir, demo_rows, monkeypatch):
+    import reinforge.training.reference_cache as rc
+
+    monkeypatch.setattr(rc, "CACHE_DIR", tmp_path / "cache")
+    base = dict(max_steps=4, val_set_size=1)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    live = write_config(tmp_path / "a", tiny_model_dir, demo_rows, **base)
+    assert main(["train", str(live)]) == 0
+    pre = write_config(tmp_path / "b", tiny_model_dir, demo_rows, precompute_ref_log_probs=True, **base)
+    assert main(["train", str(pre)]) == 0
+    files = sorted((tmp_path / "cache" / "ref_logps").iterdir())
+    assert len(files) == 2  # train rows and eval rows
+    a, b = read_metrics(tmp_path / "a" / "out"), read_metrics(tmp_path / "b" / "out")
+    for ma, mb in zip(a, b):
+        for key in ("loss", "eval_loss", "rewards/margins", "eval_rewards/margins"):
+            if key in ma:
+                assert abs(ma[key] - mb[key]) < 1e-5, (key, ma, mb)
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = write_config(tmp_path / "c", tiny_model_dir, demo_rows, precompute_ref_log_probs=True, **base)
+    assert main(["train", str(again)]) == 0
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache" / "ref_logps").iterdir())] == mtimes
+    c = read_metrics(tmp_path / "c" / "out")
+    assert abs(c[-1]["eval_loss"] - b[-1]["eval_loss"]) < 1e-6

@@ -52,8 +52,23 @@ def test_beta_sources_must_agree():
 
 
 def test_gdpo_sets_normalize_then_sum():
-    cfg = build_config({**BASE, "rl": "gdpo"})
+    cfg = build_config({**BASE, "rl": "gdpo", "trl": {"reward_funcs": ["a.b", "a.c"], "num_generations": 2},
+                        "micro_batch_size": 2})
     assert cfg.trl.multi_objective_aggregation == "normalize_then_sum"
+
+
+def test_online_validation_names_the_problem():
+    base = {**BASE, "rl": "grpo", "micro_batch_size": 4}
+    with pytest.raises(ConfigError, match="needs trl.reward_funcs"):
+        build_config(base)
+    with pytest.raises(ConfigError, match="divisible by trl.num_generations"):
+        build_config({**base, "trl": {"reward_funcs": ["m.f"], "num_generations": 3}})
+    with pytest.raises(ConfigError, match="reward_weights has 2 entries for 1"):
+        build_config({**base, "trl": {"reward_funcs": ["m.f"], "num_generations": 2, "reward_weights": [1, 2]}})
+    with pytest.raises(ConfigError, match="valid: grpo, bnpo, dr_grpo, dapo"):
+        build_config({**base, "trl": {"reward_funcs": ["m.f"], "num_generations": 2, "loss_type": "ppo"}})
+    with pytest.raises(ConfigError, match="num_generations"):
+        build_config({**base, "trl": {"reward_funcs": ["m.f"], "num_generations": 1}})
 
 
 def test_every_field_has_a_description():

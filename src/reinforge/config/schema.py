@@ -103,6 +103,11 @@ class ReinforgeConfig(PreferenceKeys, StrictModel):
     chat_template_jinja: str | None = Field(default=None, description="A Jinja chat template, used with `chat_template: jinja`.")
     ref_model: str | None = Field(default=None, description="Path/id of a different reference model.")
     rl_adapter_ref_model: bool = Field(default=False, description="With an adapter: load a separate frozen reference copy instead of disabling the adapter.")
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description="Compute reference log-probs once before training (cached on disk, keyed by data and model) "
+        "instead of a reference forward every step; no reference model is kept during training.",
+    )
 
     # --- method ---
     rl: RLMethod = Field(description="Training method: dpo, ipo, kto, orpo, simpo, grpo, gdpo or ebft.")
@@ -180,10 +185,33 @@ class ReinforgeConfig(PreferenceKeys, StrictModel):
             raise ValueError("chat_template: jinja needs chat_template_jinja")
         if self.chat_template_jinja and self.chat_template not in (None, "jinja"):
             raise ValueError("chat_template_jinja is used only with chat_template: jinja")
+        if self.precompute_ref_log_probs and self.rl not in ("dpo", "ipo"):
+            raise ValueError(f"precompute_ref_log_probs is supported for rl: dpo and ipo (paired methods with a "
+                             f"reference), not rl: {self.rl}")
+        if self.rl in ("grpo", "gdpo"):
+            self._check_online()
         if self.rl in ("dpo", "ipo", "kto", "orpo", "simpo"):
             if self.rl_beta is not None and self.trl.beta is not None and self.rl_beta != self.trl.beta:
                 raise ValueError(f"rl_beta={self.rl_beta} and trl.beta={self.trl.beta} disagree; set one")
         return self
+
+    def _check_online(self) -> None:
+        t = self.trl
+        valid = ("grpo", "bnpo", "dr_grpo", "dapo")
+        if t.loss_type not in valid:
+            raise ValueError(f"trl.loss_type {t.loss_type!r} is unknown; valid: {', '.join(valid)}")
+        if not t.reward_funcs and not t.rollout_func:
+            raise ValueError(f"rl: {self.rl} needs trl.reward_funcs (a list of `module.fn`)")
+        n_funcs = len(t.reward_funcs or [])
+        if t.reward_weights is not None and len(t.reward_weights) != n_funcs:
+            raise ValueError(f"trl.reward_weights has {len(t.reward_weights)} entries for {n_funcs} reward_funcs")
+        size = t.generation_batch_size or self.micro_batch_size * self.gradient_accumulation_steps
+        if size % t.num_generations:
+            raise ValueError(f"the generation batch ({size} completions = trl.generation_batch_size, or "
+                             f"micro_batch_size × gradient_accumulation_steps) must be divisible by "
+                             f"trl.num_generations ({t.num_generations})")
+        if size % self.micro_batch_size:
+            raise ValueError(f"trl.generation_batch_size ({size}) must be divisible by micro_batch_size ({self.micro_batch_size})")
 
     @property
     def beta(self) -> float:

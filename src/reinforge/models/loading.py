@@ -132,7 +132,8 @@ def load_policy(cfg: ReinforgeConfig):
 class Reference:
     """The frozen reference policy π_ref: a context manager that yields the module to run.
 
-    Either the policy with its adapter disabled (no extra memory) or a separate frozen model.
+    Either the policy with its adapter disabled (no extra memory) or a separate frozen model
+    (`model`: a `LogpsModel` around it).
     Always run under `torch.no_grad()` in eval mode (no dropout).
     """
 
@@ -164,7 +165,9 @@ def load_reference(cfg: ReinforgeConfig, policy) -> Reference:
     """The reference for a method that needs one: adapter-disabled policy (LoRA default) or a frozen copy."""
     if cfg.adapter and not cfg.rl_adapter_ref_model and not cfg.ref_model:
         return Reference(policy=policy)
+    from reinforge.models.forward import LogpsModel
+
     model = load_causal_lm(cfg.ref_model or cfg.base_model, cfg)
     model.eval()
     model.requires_grad_(False)
-    return Reference(model=model)
+    return Reference(model=LogpsModel(model))

@@ -53,6 +53,23 @@ def _step_outputs(module, reference, objective, batch) -> tuple[torch.Tensor, di
     return objective(out, ref, batch)
 
 
+def _precompute_reference(cfg: ReinforgeConfig, spec, data, reference, module, collate):
+    """Attach cached/computed reference log-probs to train and eval rows; the reference is then dropped."""
+    from reinforge.training.reference_cache import attach_reference_logps, cache_key
+
+    model_id = cfg.ref_model or cfg.base_model
+    out = []
+    with reference.active(module) as ref_module:
+        for rows in (data.train, data.eval):
+            if not rows:
+                out.append(rows)
+                continue
+            key = cache_key(model_id, rows, extra=f"chunked={getattr(ref_module, 'chunked', None)}")
+            rows, _ = attach_reference_logps(rows, ref_module, collate, cfg.eval_batch_size or cfg.micro_batch_size, key)
+            out.append(rows)
+    return out[0], out[1], None
+
+
 def evaluate(module, reference, objective, loader) -> dict[str, float]:
     """Objective metrics over the eval loader (no gradients), weighted by rows, named `eval_<metric>`."""
     acc = MetricsAccumulator()
@@ -82,6 +99,8 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
                               generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(data.eval, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
                              collate_fn=collate) if data.eval else None
+    if cfg.precompute_ref_log_probs:
+        data.train, data.eval, reference = _precompute_reference(cfg, spec, data, reference, module, collate)
     per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.num_epochs))
     optimizer = build_optimizer(cfg, module.parameters())
@@ -90,7 +109,7 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     if reference is not None and reference.model is not None:
-        reference.model = accelerator.prepare_model(LogpsModel(reference.model), evaluation_mode=True)
+        reference.model = accelerator.prepare_model(reference.model, evaluation_mode=True)
     objective = build_objective(cfg)
     accelerator.init_trackers("runs", config=flat_config(cfg.model_dump(mode="json")))
     writer = MetricsWriter(out_dir, accelerator)

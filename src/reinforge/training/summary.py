@@ -18,9 +18,10 @@ def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: To
     summary: dict[str, Any] = {"steps": train[-1]["step"] if train else 0, "output_dir": str(out_dir)}
     lines = [f"reinforge {cfg.rl}: {summary['steps']} steps → {out_dir}"]
     for key in KEYS:
-        if train and key in train[0]:
-            summary[f"first_{key}"], summary[f"last_{key}"] = train[0][key], train[-1][key]
-            lines.append(f"  train {key:<20} first {train[0][key]:.4f}  last {train[-1][key]:.4f}")
+        having = [h for h in train if key in h]
+        if having:
+            summary[f"first_{key}"], summary[f"last_{key}"] = having[0][key], having[-1][key]
+            lines.append(f"  train {key:<20} first {having[0][key]:.4f}  last {having[-1][key]:.4f}")
         ek = f"eval_{key}"
         if evals and ek in evals[0]:
             summary[f"eval_before_{key}"], summary[f"eval_after_{key}"] = evals[0][ek], evals[-1][ek]
