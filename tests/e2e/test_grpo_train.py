@@ -64,7 +64,10 @@ def test_gdpo_with_reference_and_two_rewards_runs(tmp_path, monkeypatch, tiny_mo
                      "beta": 0.04, "num_iterations": 2, "loss_type": "grpo"})
     assert main(["train", str(cfg)]) == 0
     m = metrics(tmp_path)
-    assert "kl" in m[-1] and m[-1]["rewards/constant/mean"] == 1.0
+    # num_iterations 2: step 1 generates and takes the first pass, step 2 the second pass of the same rollout
+    assert m[0]["rewards/constant/mean"] == 1.0 and "reward" not in m[1]
+    assert "kl" in m[0] and "kl" in m[1] and m[0]["kl"] == 0.0  # policy == reference before the first update
+    assert m[1]["kl"] > 0.0
     assert (tmp_path / "out" / "adapter_config.json").exists()
 
 

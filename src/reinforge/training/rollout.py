@@ -105,6 +105,8 @@ class RolloutMaker:
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         completions = format_completions([p for p in prompts for _ in range(G)], texts)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+        columns["completion_truncated"] = list(rollout.truncated)
+        columns["max_completion_length"] = [self.params.max_new_tokens] * len(texts)
         t0 = time.perf_counter()
         rewards = self.score_fn(self.reward_funcs, [p for p in prompts for _ in range(G)], completions,
                                 rollout.completion_ids, columns)
