@@ -19,12 +19,16 @@ class RowError(ValueError):
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the dataset, the row index, the field and the expected format."""
+    """Bad input data: the message names the dataset, the row index (0-based), the field, the expected
+    format with an example record of it, and optionally the columns the row has."""
 
     def __init__(self, dataset: str, row: int | None, field: str | None, problem: str,
-                 format_name: str | None = None, example: dict[str, Any] | None = None):
+                 format_name: str | None = None, example: dict[str, Any] | None = None,
+                 columns: list[str] | None = None):
         where = f"{dataset}" + (f", row {row}" if row is not None else "") + (f", field `{field}`" if field else "")
         msg = f"{where}: {problem}"
+        if columns is not None:
+            msg += f" (the row's columns: {', '.join(map(str, columns))})"
         if format_name:
             msg += f"\n  expected format `{format_name}`"
         if example is not None:

@@ -121,7 +121,8 @@ def format_rows(ds: DatasetConfig, kind: str, cfg: ReinforgeConfig | None = None
                 records.append(check_record(rec, kind))
                 index.append(i)
         except RowError as exc:
-            raise DataError(name, i, exc.field, exc.problem, fmt.name, fmt.example or None) from None
+            raise DataError(name, i, exc.field, exc.problem, fmt.name, fmt.example or None,
+                            columns=sorted(map(str, row)) if isinstance(row, dict) else None) from None
     if stats is not None:
         stats.rows_in += len(rows)
         stats.records += len(records)

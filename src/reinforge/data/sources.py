@@ -115,13 +115,20 @@ def load_source(ds: DatasetConfig) -> datasets.Dataset:
                 builder = _TYPE_TO_BUILDER[ds.ds_type] if ds.ds_type else _EXT_TO_BUILDER.get(files[0].suffix)
                 if builder is None:
                     raise DataError(name, None, "ds_type", f"cannot tell the file type of {files[0].name}; set `ds_type`")
-                data = datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split)
+                data = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+                slice_ = split[len("train"):]
+                if slice_:
+                    data = _apply_slice(data, slice_, name)
         elif _looks_local(ds.path):
             raise DataError(name, None, "path", f"file or directory not found: {path} (working directory: {Path.cwd()})")
         else:
             data = datasets.load_dataset(ds.path, ds.name, split=ds.split, data_files=ds.data_files)
     except DataError:
         raise
+    except ValueError as exc:
+        if "corresponds to no data" in str(exc):
+            raise DataError(name, None, "split", f"split `{ds.split}` is empty") from exc
+        raise DataError(name, None, None, f"cannot load: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # datasets raises many types; keep the message, add the source
         raise DataError(name, None, None, f"cannot load: {type(exc).__name__}: {exc}") from exc
     if isinstance(data, datasets.DatasetDict):
