@@ -96,3 +96,16 @@ def test_fingerprint_follows_contents(tmp_path):
     write(p, "jsonl", ROWS[:9])
     assert fingerprint(ds) != before
     assert fingerprint(DatasetConfig(path="org/hub-name")) is None
+
+
+def test_hub_name_passes_name_split_and_data_files(monkeypatch):
+    seen = {}
+
+    def fake_load_dataset(path, name=None, split=None, data_files=None):
+        seen.update(path=path, name=name, split=split, data_files=data_files)
+        return datasets.Dataset.from_list(ROWS[:5])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_source(DatasetConfig(path="openai/gsm8k", name="main", split="train[:5]"))
+    assert len(data) == 5
+    assert seen == {"path": "openai/gsm8k", "name": "main", "split": "train[:5]", "data_files": None}

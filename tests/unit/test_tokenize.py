@@ -202,3 +202,35 @@ def test_llama3_template_with_bos_adding_tokenizer_has_one_bos(bos_tokenizer):
                           {"chat_template": TEMPLATES["llama3"]})
     assert out["prompt_ids"][0] == 0 and out["prompt_ids"][1] != 0
     assert st.double_bos_removed == 0
+
+
+def test_same_ids_as_trl_dpo_tokenisation(tokenizer):
+    """TRL 1.16's DPO preprocessing: `_tokenize` prompt, prompt+chosen, prompt+rejected (EOS appended to text
+    responses first), then split at the common prefix. reinforge's batched path gives the same ids."""
+    import json
+    from pathlib import Path
+
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from reinforge.config.schema import DatasetConfig
+    from reinforge.data.formats import get_format
+
+    ds = DatasetConfig(path="x", type="chat_template.default", field_messages="conversations",
+                       message_property_mappings={"role": "from", "content": "value"},
+                       roles={"user": ["human"], "assistant": ["gpt"]})
+    rows = json.loads((Path(__file__).resolve().parents[2] / "examples/data/dpo_en_demo.json").read_text())[:12]
+    recs = [get_format("chat_template.default", "paired").fn(r, ds) for r in rows]
+    recs += [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green<|im_end|>"},
+             {"prompt": "Say hel", "chosen": "lo", "rejected": "p"}]
+    ours = tokenize_records(recs, "paired", tokenizer, 100_000, "truncate", "keep_end", TokenizeStats())
+    eos = tokenizer.eos_token
+    for rec, got in zip(recs, ours):
+        conv = isinstance(rec["prompt"], list)
+        c, r = rec["chosen"], rec["rejected"]
+        if not conv:
+            c, r = (x if x.endswith(eos) else x + eos for x in (c, r))
+        p_ids = _tokenize(tokenizer, rec["prompt"], **({"add_generation_prompt": True} if conv else {}))["input_ids"]
+        pc = _tokenize(tokenizer, rec["prompt"] + c)["input_ids"]
+        pr = _tokenize(tokenizer, rec["prompt"] + r)["input_ids"]
+        n = min(common_prefix_length(p_ids, pc), common_prefix_length(p_ids, pr))
+        assert got == {"prompt_ids": p_ids[:n], "chosen_ids": pc[n:], "rejected_ids": pr[n:]}
