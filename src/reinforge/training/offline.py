@@ -95,12 +95,12 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     reference = load_reference(cfg, policy) if spec.needs_reference else None
     module = LogpsModel(policy)
     collate = (PairedCollator if spec.data == "paired" else UnpairedCollator)(tokenizer.pad_token_id)
+    if cfg.precompute_ref_log_probs:
+        data.train, data.eval, reference = _precompute_reference(cfg, spec, data, reference, module, collate)
     train_loader = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=collate,
                               generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(data.eval, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
                              collate_fn=collate) if data.eval else None
-    if cfg.precompute_ref_log_probs:
-        data.train, data.eval, reference = _precompute_reference(cfg, spec, data, reference, module, collate)
     per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.num_epochs))
     optimizer = build_optimizer(cfg, module.parameters())
