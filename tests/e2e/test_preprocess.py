@@ -36,7 +36,9 @@ def test_dpo_demo_twice_second_from_cache(in_repo, tmp_path, capsys):
     assert kept + dropped == 300 and n_train + n_eval == kept and n_eval == 32
     assert re.search(r"^\s+prompt\s+\d+\s+\d+", first, re.M) and "p95" in first
     assert first.count("── example") == 2 and "⟦" in first and "⟧" in first
-    assert "<|im_start|>assistant\n⟦" in first  # the trained part starts right after the generation prompt
+    # the prompt ends with the generation prompt; each response is trained from its first token
+    assert "<|im_start|>assistant\n\n[chosen]\n⟦" in first and "[rejected]\n⟦" in first
+    assert "hint: 102 of 300 rows (34%) were dropped" in first  # the demo's keep_start at 512 drops long prompts
     code, second, _ = run(capsys, *args)
     assert code == 0 and "served from the cache" in second
     strip = lambda s: re.sub(r"\d+\.\d+s", "", s.split("\n", 1)[1])  # noqa: E731  (timings differ)
@@ -68,3 +70,15 @@ def test_bad_type_exits_2_with_a_clear_message(in_repo, tmp_path, capsys):
     code, _, err = run(capsys, "examples/dpo-smollm2.yaml", "datasets=[{path: examples/data/dpo_en_demo.json, type: chatml.intel}]",
                        f"tokenizer_config={TOKENIZER}", f"dataset_prepared_path={tmp_path}")
     assert code == 2 and "row 0, field `question`: missing" in err and "expected format `chatml.intel`" in err
+
+
+def test_mark_and_render_example(tokenizer):
+    from reinforge.data.preview import mark, render_example
+
+    ids = tokenizer("a b c d", add_special_tokens=False)["input_ids"]
+    assert mark(tokenizer, ids, [False, False, True, True]) == "a b⟦ c d⟧"
+    assert mark(tokenizer, ids, [False, True, False, True], tokens=True) == "a│⟦ b⟧│ c│⟦ d⟧"
+    row = {"prompt_ids": ids[:2], "completion_ids": ids[2:], "label": False}
+    text = render_example(tokenizer, row, "unpaired", "t")
+    assert text.splitlines()[1:] == ["   prompt 2 tokens (not trained) · completion 2 trained of 2 · label undesirable",
+                                     "[prompt]", "a b", "[completion]", "⟦ c d⟧"]

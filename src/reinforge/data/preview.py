@@ -68,20 +68,28 @@ def mark(tokenizer, ids: list[int], trained: list[bool], tokens: bool = False, m
 
 def render_example(tokenizer, row: dict[str, Any], kind: str, title: str, tokens: bool = False,
                    max_chars: int = 1200) -> str:
-    """One tokenised row as readable text: counts, then each sequence with its trained tokens marked."""
+    """One tokenised row as readable text: counts, the prompt once, then each response, trained tokens marked.
+
+    The marks come from the collated sequences (prompt + response); the prompt is shown from the first
+    sequence, the responses from the tokens after it.
+    """
     seqs = trained_mask(row, kind, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     n_prompt = len(row["prompt_ids"])
     counts = [f"prompt {n_prompt} tokens (not trained)"]
     for name, (ids, tr) in seqs.items():
         if kind != "prompt":
-            counts.append(f"{name} {sum(tr)} trained")
+            counts.append(f"{name} {sum(tr)} trained of {len(ids) - n_prompt}")
     if kind == "unpaired":
         counts.append(f"label {'desirable' if row['label'] else 'undesirable'}")
     lines = [f"── {title} ──", "   " + " · ".join(counts)]
-    for name, (ids, tr) in seqs.items():
-        lines.append(f"[{name}]" if kind != "prompt" else "[prompt as the model sees it before generating]")
-        lines.append(mark(tokenizer, ids, tr, tokens, max_chars))
-    if kind == "prompt":
+    first_ids, first_mask = next(iter(seqs.values()))
+    lines.append("[prompt]" if kind != "prompt" else "[prompt as the model sees it before generating]")
+    lines.append(mark(tokenizer, first_ids[:n_prompt], first_mask[:n_prompt], tokens, max_chars))
+    if kind != "prompt":
+        for name, (ids, tr) in seqs.items():
+            lines.append(f"[{name}]")
+            lines.append(mark(tokenizer, ids[n_prompt:], tr[n_prompt:], tokens, max_chars))
+    else:
         extra = {k: v for k, v in row.items() if k not in ("prompt", "prompt_ids")}
         for k, v in extra.items():
             lines.append(f"[column {k}] {_clip(str(v), 300)}")
@@ -114,6 +122,13 @@ def format_report(cfg: ReinforgeConfig, data: PreparedData) -> str:
     if data.kind != "prompt":
         lines.append(f"length: sequence_len {cfg.sequence_len}, excess_length_strategy {cfg.excess_length_strategy}, "
                      f"truncation_mode {cfg.truncation_mode}")
+        if s.records and s.dropped_no_completion / s.records >= 0.1:
+            lines.append(f"hint: {s.dropped_no_completion} of {s.records} rows ({100 * s.dropped_no_completion / s.records:.0f}%) "
+                         f"were dropped because their prompt alone fills sequence_len under truncation_mode keep_start; "
+                         f"truncation_mode: keep_end keeps them (the prompt loses its beginning), or raise sequence_len")
+        if s.records and s.dropped_too_long / s.records >= 0.1:
+            lines.append(f"hint: {s.dropped_too_long} of {s.records} rows ({100 * s.dropped_too_long / s.records:.0f}%) "
+                         f"were dropped as too long (excess_length_strategy: drop); consider truncate or a larger sequence_len")
     pct = s.percentiles()
     if pct:
         cols = ["min", "p50", "p90", "p95", "p99", "max", "mean"]
