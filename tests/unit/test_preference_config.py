@@ -86,6 +86,7 @@ def test_dpo_variant_specific_keys():
     assert "aot" in error(rl="dpo", dpo_loss_type=["aot"], dpo_use_weighting=True)
     assert "discopop" in error(rl="dpo", dpo_discopop_tau=0.1)
     assert "bco_pair" in error(rl="dpo", dpo_bco_running_mean=False)
+    assert "precompute_ref_log_probs" in error(rl="dpo", ld_alpha=0.5, precompute_ref_log_probs=True)
 
 
 def test_kto_needs_two_rows_per_batch():

@@ -187,6 +187,9 @@ class PreferenceKeys(BaseModel):
         if self.dpo_use_weighting and {"aot", "aot_unpaired"}.intersection(types):
             raise ValueError("dpo_use_weighting (WPO) is not defined for aot/aot_unpaired: those losses sort the batch, "
                              "so per-pair weights do not line up with the sorted terms")
+        if self.ld_alpha is not None and getattr(self, "precompute_ref_log_probs", False):
+            raise ValueError("ld_alpha (LD-DPO) needs the reference's per-token log-probs at every step; the "
+                             "precomputed reference cache holds per-sequence sums. Unset precompute_ref_log_probs")
         if self.dpo_discopop_tau is not None and "discopop" not in types:
             raise ValueError("dpo_discopop_tau is used only with dpo_loss_type discopop")
         if self.dpo_bco_running_mean is not None and "bco_pair" not in types:
