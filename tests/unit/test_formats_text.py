@@ -31,6 +31,7 @@ CONV_R = [{"role": "user", "content": Q}, {"role": "assistant", "content": R}]
 DPO_ROWS = [
     ("default", {"system": S, "instruction": Q, "chosen_response": C, "rejected_response": R}, True),
     ("default", {"question": Q, "chosen": C, "rejected": R}, False),
+    ("default", {"prompt": None, "input": Q, "chosen": None, "chosen_response": C, "rejected": R}, False),
     ("argilla", {"system": S, "instruction": Q, "chosen_response": C, "rejected_response": R}, True),
     ("argilla", {"system": "", "instruction": Q, "chosen_response": C, "rejected_response": R}, False),
     ("argilla_chat", {"chosen": CONV_C, "rejected": CONV_R}, False),

@@ -72,7 +72,8 @@ def test_empty_split(tmp_path, tokenizer):
     p = write(tmp_path / "d.jsonl", rows(3))
     with pytest.raises(DataError) as err:
         prepare_data(cfg(tmp_path, [{"path": p, "type": "chatml.intel", "split": "train[3:]"}]), tokenizer)
-    assert p in str(err.value) and "empty" in str(err.value)
+    assert p in str(err.value) and "empty" in str(err.value) and err.value.field == "split"
+    assert "expected format `chatml.intel`" in str(err.value) and '"question"' in str(err.value)
 
 
 def test_untyped_unknown_layout(tmp_path, tokenizer):
@@ -228,3 +229,17 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, tokenizer):
     Path(first.cache_path, "data.pkl").write_bytes(b"not a pickle")
     again = prepare_data(c, tokenizer)
     assert not again.from_cache and again.train == first.train
+
+
+def test_unexpected_exception_in_a_format_still_names_the_row(tmp_path, tokenizer):
+    # zephyr.nectar with a rank that cannot be compared (None vs int) fails inside sorted()
+    good = {"prompt": "q", "answers": [{"answer": "a", "rank": 1}, {"answer": "b", "rank": 2}]}
+    bad = {"prompt": "q", "answers": [{"answer": "a", "rank": 1}, {"answer": "b", "rank": float("nan")}, "x"]}
+    p = write(tmp_path / "d.jsonl", [good, good])
+    p2 = tmp_path / "e.json"
+    p2.write_text(json.dumps([good, bad]))
+    d = prepare_data(cfg(tmp_path, [{"path": p, "type": "zephyr.nectar"}]), tokenizer)
+    assert len(d.train) == 2
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg(tmp_path, [{"path": str(p2), "type": "zephyr.nectar"}]), tokenizer)
+    assert "row 1" in str(err.value) and "expected format `zephyr.nectar`" in str(err.value)

@@ -103,11 +103,20 @@ def format_rows(ds: DatasetConfig, kind: str, cfg: ReinforgeConfig | None = None
         DataError: naming the dataset, row index, field, expected format and an example record.
     """
     name = source_name(ds)
-    if data is None:
-        data = load_source(ds)
-    rows = data.to_list() if hasattr(data, "to_list") else list(data)
-    if not rows:
-        raise DataError(name, None, "split", f"split `{ds.split}` is empty")
+    try:
+        if data is None:
+            data = load_source(ds)
+        rows = data.to_list() if hasattr(data, "to_list") else list(data)
+        if not rows:
+            raise DataError(name, None, "split", f"split `{ds.split}` is empty")
+    except DataError as exc:
+        if exc.field == "split" and isinstance(ds.type, str):  # add what the rows should have looked like
+            try:
+                fmt = get_format(ds.type, kind)
+            except ValueError:
+                raise exc from None
+            raise DataError(exc.dataset, None, "split", str(exc).split(": ", 1)[-1], fmt.name, fmt.example) from None
+        raise
     fmt = resolve_format(ds, kind, rows[0], cfg, dataset_idx, tokenizer)
     records: list[dict[str, Any]] = []
     index: list[int] = []
@@ -123,6 +132,9 @@ def format_rows(ds: DatasetConfig, kind: str, cfg: ReinforgeConfig | None = None
         except RowError as exc:
             raise DataError(name, i, exc.field, exc.problem, fmt.name, fmt.example or None,
                             columns=sorted(map(str, row)) if isinstance(row, dict) else None) from None
+        except Exception as exc:  # a row the format did not anticipate: still name the dataset and row
+            raise DataError(name, i, None, f"format `{fmt.name}` failed: {type(exc).__name__}: {exc}", fmt.name,
+                            fmt.example or None, columns=sorted(map(str, row)) if isinstance(row, dict) else None) from exc
     if stats is not None:
         stats.rows_in += len(rows)
         stats.records += len(records)

@@ -151,4 +151,7 @@ def _apply_slice(data: datasets.Dataset, slice_: str, name: str) -> datasets.Dat
         return round(n * int(v[:-1]) / 100) if v.endswith("%") else int(v)
 
     a, b = pos(m.group(1), 0), pos(m.group(2), n)
-    return data.select(range(*slice(a, b).indices(n)))
+    rows = range(*slice(a, b).indices(n))
+    if len(rows) == 0:
+        raise DataError(name, None, "split", f"the slice {slice_} of {n} rows is empty")
+    return data.select(rows)

@@ -74,8 +74,10 @@ def _exchange(row: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], boo
 
 
 def _first_present(row: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The first of `keys` the row has a value for (a column that is None in this row is skipped:
+    `datasets` fills columns missing from some rows of a JSON file with None)."""
     for key in keys:
-        if key in row:
+        if row.get(key) is not None:
             return key
     return keys[-1]
 
@@ -95,11 +97,11 @@ def _register_paired(m: Markup) -> None:
     @register(f"{m.name}.default", "paired", example={"system": _EX_SYSTEM, "instruction": "What is 2+2?",
                                                        "chosen_response": "4", "rejected_response": "5"})
     def default(row: dict[str, Any], ds: DatasetConfig) -> dict[str, Any]:
-        """Prompt from the first present of `prompt`, `input`, `question`, `instruction`; responses from
+        """Prompt from the first of `prompt`, `input`, `question`, `instruction` the row has; responses from
         `chosen`/`rejected` (else `chosen_response`/`rejected_response`); optional `system`."""
         pk = _first_present(row, ("prompt", "input", "question", "instruction"))
-        ck = "chosen" if "chosen" in row else "chosen_response"
-        rk = "rejected" if "rejected" in row else "rejected_response"
+        ck = _first_present(row, ("chosen", "chosen_response"))
+        rk = _first_present(row, ("rejected", "rejected_response"))
         return finish(row, _text(row, pk), _text(row, ck), _text(row, rk))
 
     alias(f"{m.name}.argilla", f"{m.name}.default", "paired")
