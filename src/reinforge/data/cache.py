@@ -5,7 +5,8 @@ fingerprint, which changes with the cached revision), (2) the source of `module.
 (3) the configuration that shapes rows (method kind, `datasets`/`test_datasets` entries, chat
 template, `sequence_len`, length strategy, split and de-duplication settings, seed), (4) the
 tokenizer (its serialised vocabulary/merges, chat template and special tokens), and (5) this cache
-format and the reinforge version. Any change gives a new key; old entries are left in place.
+format, the reinforge version and the source code of the data pipeline. Any change gives a new
+key; old entries are left in place.
 
 Layout: `<dataset_prepared_path or $REINFORGE_CACHE/prepared>/<key>/data.pkl` (the rows and
 counts) and `meta.json` (what the entry holds, for people). Written to a temporary directory and
@@ -70,11 +71,24 @@ def config_fingerprint(cfg: Any, kind: str) -> dict[str, Any]:
     return out
 
 
+def code_fingerprint() -> str:
+    """A hash of the source of the data pipeline (reinforge.data and the named chat templates), so that a
+    changed pipeline never serves rows prepared by an older one."""
+    root = Path(__file__).resolve().parent
+    files = sorted(root.rglob("*.py")) + [root.parent / "models" / "chat_templates.py"]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.relative_to(root.parent).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def make_key(cfg: Any, kind: str, tokenizer, data_fingerprints: list[str]) -> str:
     """The cache key (hex) of a preparation: see the module docstring for what it covers."""
     payload = {
         "format": FORMAT_VERSION,
         "reinforge": reinforge.__version__,
+        "code": code_fingerprint(),
         "config": config_fingerprint(cfg, kind),
         "data": data_fingerprints,
         "tokenizer": tokenizer_fingerprint(tokenizer),
