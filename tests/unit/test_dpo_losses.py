@@ -301,7 +301,7 @@ def test_bco_running_mean_state():
     """δ is the mean of every reward seen in training so far, updated before use; evaluation leaves it alone."""
     objective = DPOObjective(beta=1.0, loss_types=("bco_pair",), loss_weights=(1.0,))
     batch = {"n_pairs": 1, "n_tokens": torch.tensor([1, 1])}
-    # step 1: rewards +0.5 (chosen) and −0.5... use asymmetric ones: chosen ratio 1.0, rejected ratio 0.0 → δ = 0.5
+    # step 1: chosen log-ratio 1.0, rejected 0.0 (β = 1) → δ = mean(1.0, 0.0) = 0.5
     pol = {"logps": t(-1.0, -2.0)}
     loss1, _ = objective(pol, t(-2.0, -2.0), batch)
     assert objective.bco_state.mean == pytest.approx(0.5)
