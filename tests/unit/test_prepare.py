@@ -243,3 +243,12 @@ def test_unexpected_exception_in_a_format_still_names_the_row(tmp_path, tokenize
     with pytest.raises(DataError) as err:
         prepare_data(cfg(tmp_path, [{"path": str(p2), "type": "zephyr.nectar"}]), tokenizer)
     assert "row 1" in str(err.value) and "expected format `zephyr.nectar`" in str(err.value)
+
+
+def test_cache_save_over_an_existing_entry(tmp_path):
+    from reinforge.data import cache
+
+    first = cache.save(tmp_path, "k", {"train": [1]}, {})
+    again = cache.save(tmp_path, "k", {"train": [2]}, {})
+    assert first == again and cache.load(tmp_path, "k")["train"] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no temporary directories left

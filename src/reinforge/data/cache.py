@@ -123,7 +123,12 @@ def load(directory: Path, key: str) -> dict[str, Any] | None:
 
 
 def save(directory: Path, key: str, payload: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Store `payload` (pickled) and `meta` (JSON) under `key`; returns the entry directory."""
+    """Store `payload` (pickled) and `meta` (JSON) under `key`; returns the entry directory.
+
+    Safe when several processes (e.g. data-parallel ranks) write the same key at once: each writes
+    its own temporary directory and renames it into place; an existing entry is moved aside first
+    (readers that already opened it keep reading it).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     entry = directory / key
     tmp = directory / f".{key}.tmp-{os.getpid()}"
@@ -133,7 +138,16 @@ def save(directory: Path, key: str, payload: dict[str, Any], meta: dict[str, Any
         pickle.dump({**payload, "format": FORMAT_VERSION}, fh, protocol=pickle.HIGHEST_PROTOCOL)
     (tmp / "meta.json").write_text(json.dumps({**meta, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2,
                                               default=str))
-    if entry.exists():
-        shutil.rmtree(entry)
-    os.replace(tmp, entry)
+    old = directory / f".{key}.old-{os.getpid()}"
+    try:
+        if entry.exists():
+            os.replace(entry, old)
+        os.replace(tmp, entry)
+    except OSError:
+        # another process put the same entry in place between our calls: keep theirs
+        if not (entry / "data.pkl").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return entry
