@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -14,6 +15,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a config")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. learning_rate=1e-5 trl.beta=0.05")
+    t.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="train on N processes (data parallel): re-launches itself through torch.distributed.run "
+                        "(gloo on CPU, NCCL on GPUs); the same as `torchrun --nproc-per-node N -m reinforge.cli train ...`")
     v = sub.add_parser("validate", help="print the resolved config, or the errors")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
@@ -29,7 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_OK, EXIT_RUN_ERROR, EXIT_CONFIG_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130  # 143 after SIGTERM
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 the run could not start or continue (the message says why, e.g. non-finite
+    steps, reward function errors); 2 invalid config or data; 130 (SIGINT) / 143 (SIGTERM) interrupted after
+    writing a checkpoint (the message gives the command that resumes), or 130 when stopped at once by a
+    second Ctrl-C."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("\nreinforge: stopped at once; no checkpoint was written for the current step (the latest complete "
+                  "checkpoint in output_dir still resumes with resume_from_checkpoint=true)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     from reinforge.config import ConfigError, load_config
     from reinforge.data.errors import DataError
@@ -49,20 +70,34 @@ def main(argv: list[str] | None = None) -> int:
             from reinforge.data.preview import preprocess
 
             return preprocess(cfg, examples=args.examples, tokens=args.tokens, rebuild=args.rebuild)
+        from reinforge.training.distributed import launched_world_size, relaunch
+
+        n = args.num_processes
+        if n is not None and (n < 1 or launched_world_size() not in (1, n)):
+            print(f"error: --num-processes {n} does not match the {launched_world_size()} processes of the launcher "
+                  f"(or is < 1)", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        if n is not None and n > 1 and launched_world_size() == 1:
+            return relaunch(n, ["train", args.config, *args.overrides])
         from reinforge.training.setup import RunError, setup_logging
+        from reinforge.training.signals import TrainingInterrupted
 
         setup_logging()
         from reinforge.training.dispatch import train
 
         try:
             train(cfg)
+        except TrainingInterrupted as exc:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"reinforge: {exc}", file=sys.stderr)
+            return exc.exit_code
         except (RunError, RewardFunctionError, RewardLoadError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return 0
+            return EXIT_RUN_ERROR
+        return EXIT_OK
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
 
 
 if __name__ == "__main__":

@@ -88,9 +88,10 @@ class TRLConfig(StrictModel):
 
 
 from reinforge.config.preference import PreferenceKeys  # noqa: E402
+from reinforge.config.run import RunKeys  # noqa: E402
 
 
-class ReinforgeConfig(PreferenceKeys, StrictModel):
+class ReinforgeConfig(PreferenceKeys, RunKeys, StrictModel):
     """A whole training run. Keys follow Axolotl; see docs/config.md."""
 
     # --- model ---

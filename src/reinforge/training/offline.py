@@ -2,7 +2,9 @@
 
 Per optimiser step: `gradient_accumulation_steps` micro-batches; each runs the policy forward
 (log-probs of completion tokens only), the reference forward when the method needs it, the objective,
-and backward of loss / accumulation steps. Then clip, step, schedule, log, evaluate, save.
+and backward of loss / accumulation steps. Then clip, step (unless non-finite), schedule, log, evaluate,
+checkpoint. Rows come from a `BatchPlan` (each process its slice of every global micro-batch); resume,
+non-finite steps, checkpoints and signals are `RunControl`'s.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,32 +25,22 @@ from reinforge.data.collate import PairedCollator, UnpairedCollator
 from reinforge.data.prepare import prepare_data
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_policy, load_reference, load_tokenizer
-from reinforge.training.checkpoint import save_model
+from reinforge.training.distributed import BatchPlan, BatchStream, loss_for_backward, prepare_frozen_model, shard
 from reinforge.training.metrics import MetricsAccumulator, MetricsWriter, flat_config
 from reinforge.training.objectives import build_objective
 from reinforge.training.optim import build_optimizer, build_scheduler
-from reinforge.training.setup import make_accelerator, prepare_output_dir
+from reinforge.training.resume import RunControl, describe_rows
+from reinforge.training.setup import make_accelerator, prepare_output_dir, resolve_resume
 from reinforge.training.summary import print_summary
 
 log = logging.getLogger(__name__)
-
-
-def _batches(loader: DataLoader) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Endless (epoch, batch) stream; the sampler reshuffles each epoch from the seed."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
 
 
 def _step_outputs(module, reference, objective, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     out = module(**batch)
     ref = batch.get("ref_logps")
     if objective.needs_reference and ref is None:
-        with reference.active(module) as ref_module:
+        with reference.active(getattr(module, "module", module)) as ref_module:  # no DDP wrapper for the reference
             ref = ref_module(**batch)["logps"].detach()
     return objective(out, ref, batch)
 
@@ -70,8 +62,9 @@ def _precompute_reference(cfg: ReinforgeConfig, spec, data, reference, module, c
     return out[0], out[1], None
 
 
-def evaluate(module, reference, objective, loader) -> dict[str, float]:
-    """Objective metrics over the eval loader (no gradients), weighted by rows, named `eval_<metric>`."""
+def evaluate(module, reference, objective, loader, accelerator=None) -> dict[str, float]:
+    """Objective metrics over the eval loader (no gradients), weighted by rows, named `eval_<metric>`; with
+    several processes each evaluates its share (pass the unwrapped module) and the means are reduced."""
     acc = MetricsAccumulator()
     was_training = module.training
     module.eval()
@@ -80,77 +73,92 @@ def evaluate(module, reference, objective, loader) -> dict[str, float]:
             loss, metrics = _step_outputs(module, reference, objective, batch)
             acc.add({"loss": loss, **metrics}, weight=batch["n_tokens"].numel())
     module.train(was_training)
-    return {f"eval_{k}": v for k, v in acc.means().items()}
+    return {f"eval_{k}": v for k, v in acc.means(accelerator).items()}
 
 
 def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     """Train `cfg.rl` (an offline method) end to end; returns the run summary."""
     spec = method(cfg.rl)
-    out_dir = prepare_output_dir(cfg)
+    resume = resolve_resume(cfg)
     accelerator = make_accelerator(cfg)
+    out_dir = prepare_output_dir(cfg, accelerator, resuming=resume is not None)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    with accelerator.main_process_first():
+        data = prepare_data(cfg, tokenizer)
     policy = load_policy(cfg)
     reference = load_reference(cfg, policy) if spec.needs_reference else None
     module = LogpsModel(policy)
     collate = (PairedCollator if spec.data == "paired" else UnpairedCollator)(tokenizer.pad_token_id)
     if cfg.precompute_ref_log_probs:
-        data.train, data.eval, reference = _precompute_reference(cfg, spec, data, reference, module, collate)
-    train_loader = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    eval_loader = DataLoader(data.eval, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        with accelerator.main_process_first():
+            data.train, data.eval, reference = _precompute_reference(cfg, spec, data, reference, module, collate)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plan = BatchPlan(len(data.train), cfg.micro_batch_size, rank, world, cfg.seed)
+    eval_loader = DataLoader(shard(data.eval, rank, world), batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
                              collate_fn=collate) if data.eval else None
-    per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.num_epochs))
+    total_steps = cfg.max_steps or max(1, math.ceil(math.ceil(plan.per_epoch / cfg.gradient_accumulation_steps)
+                                                    * cfg.num_epochs))
     optimizer = build_optimizer(cfg, module.parameters())
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    module, optimizer, train_loader, scheduler = accelerator.prepare(module, optimizer, train_loader, scheduler)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    module, optimizer = accelerator.prepare(module, optimizer)
     if reference is not None and reference.model is not None:
-        reference.model = accelerator.prepare_model(reference.model, evaluation_mode=True)
+        reference.model = prepare_frozen_model(accelerator, reference.model)
     objective = build_objective(cfg)
+    run = RunControl(cfg, accelerator, out_dir, module=module, tokenizer=tokenizer, optimizer=optimizer,
+                     scheduler=scheduler, objective=objective, data_layout=plan.layout(),
+                     describe=lambda rows: describe_rows(data, rows))
+    saved = run.start(resume)
     accelerator.init_trackers("runs", config=flat_config(cfg.model_dump(mode="json")))
-    writer = MetricsWriter(out_dir, accelerator)
-    log.info("%s: %d train rows, %d eval rows, %d steps of %d×%d rows; reference: %s", cfg.rl, len(data.train),
-             len(data.eval or []), total_steps, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-             reference.kind if reference else "none")
+    writer = MetricsWriter(out_dir, accelerator, resume_step=run.step if resume else None)
+    log.info("%s: %d train rows, %d eval rows, %d steps of %d×%d rows on %d processes; reference: %s", cfg.rl,
+             len(data.train), len(data.eval or []), total_steps, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+             world, reference.kind if reference else "none")
 
-    if eval_loader is not None:
-        writer.log(evaluate(module, reference, objective, eval_loader), step=0)
-    batches = _batches(train_loader)
+    unwrapped = accelerator.unwrap_model(module)
+    if eval_loader is not None and run.step == 0:
+        writer.log(evaluate(unwrapped, reference, objective, eval_loader, accelerator), step=0)
+    batches = BatchStream(plan, data.train, collate, start=saved.get("position", 0))
     params = [p for p in module.parameters() if p.requires_grad]
-    bar = tqdm(range(1, total_steps + 1), desc=f"{cfg.rl}", disable=not accelerator.is_main_process)
-    acc, tokens, t0 = MetricsAccumulator(), 0, time.perf_counter()
-    for step in bar:
-        for micro in range(cfg.gradient_accumulation_steps):
-            epoch, batch = next(batches)
-            sync = micro == cfg.gradient_accumulation_steps - 1
-            with accelerator.no_sync(module) if not sync else nullcontext():
-                with accelerator.autocast():
-                    loss, metrics = _step_outputs(module, reference, objective, batch)
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            acc.add({"loss": loss, **metrics})
-            tokens += int(batch["attention_mask"].sum())
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        acc.add({"grad_norm": grad_norm})
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - t0
-            metrics = acc.means(accelerator)
-            metrics.update(learning_rate=scheduler.get_last_lr()[0], epoch=epoch, tokens_per_second=tokens / elapsed)
-            writer.log(metrics, step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            acc, tokens, t0 = MetricsAccumulator(), 0, time.perf_counter()
-        if eval_loader is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
-            writer.log(evaluate(module, reference, objective, eval_loader), step)
+    bar = tqdm(range(run.step + 1, total_steps + 1), desc=f"{cfg.rl}", initial=run.step, total=total_steps,
+               disable=not accelerator.is_main_process)
+    acc, tokens, t0 = MetricsAccumulator.from_state(saved.get("metrics")), 0, time.perf_counter()
+    with run.stop:
+        for step in bar:
+            step_acc, losses, rows, start = MetricsAccumulator(), [], [], batches.position
+            for micro in range(cfg.gradient_accumulation_steps):
+                epoch, batch_rows, batch = next(batches)
+                sync = micro == cfg.gradient_accumulation_steps - 1
+                with accelerator.no_sync(module) if not sync else nullcontext():
+                    with accelerator.autocast():
+                        loss, metrics = _step_outputs(module, reference, objective, batch)
+                    accelerator.backward(loss_for_backward(loss / cfg.gradient_accumulation_steps, accelerator,
+                                                           cfg.gradient_accumulation_steps))
+                step_acc.add({"loss": loss, **metrics})
+                losses.append(loss.detach())
+                rows += batch_rows
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if run.step_ok(step, losses, grad_norm, rows):
+                optimizer.step()
+                scheduler.step()
+                step_acc.add({"grad_norm": grad_norm})
+                acc.merge(step_acc)
+            optimizer.zero_grad(set_to_none=True)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t0
+                metrics = acc.means(accelerator)
+                metrics.update(learning_rate=scheduler.get_last_lr()[0], epoch=epoch, tokens_per_second=tokens / elapsed,
+                               skipped_nonfinite_steps=run.skipped_nonfinite_steps)
+                writer.log(metrics, step)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                acc, tokens, t0 = MetricsAccumulator(), 0, time.perf_counter()
+            if eval_loader is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
+                writer.log(evaluate(unwrapped, reference, objective, eval_loader, accelerator), step)
+            run.end_step(step, batches.position, plan.epoch_of(batches.position) > plan.epoch_of(start),
+                         {"metrics": acc.state_dict()})
     if eval_loader is not None:
-        writer.log(evaluate(module, reference, objective, eval_loader), total_steps)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(module).model, tokenizer, cfg, out_dir)
+        writer.log(evaluate(unwrapped, reference, objective, eval_loader, accelerator), total_steps)
+    run.save_final()
     accelerator.end_training()
     return print_summary(cfg, writer.history, data.stats, out_dir)

@@ -2,31 +2,105 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from reinforge.config.schema import ReinforgeConfig
+from reinforge.training.checkpoint import find_latest_checkpoint, is_complete, list_checkpoints
 
 
 class RunError(RuntimeError):
     """A run that cannot start or continue, with the reason and the fix."""
 
 
-def prepare_output_dir(cfg: ReinforgeConfig) -> Path:
-    """Create `output_dir`; a non-empty one is an error unless `overwrite_output_dir: true` (then emptied)."""
+def prepare_output_dir(cfg: ReinforgeConfig, accelerator=None, resuming: bool = False) -> Path:
+    """Create `output_dir`; a non-empty one is an error unless `overwrite_output_dir: true` (then emptied)
+    or the run resumes from a checkpoint (then it is kept as it is).
+
+    Every process checks; only the main process deletes or creates (then all wait for it).
+    """
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()):
+    if not resuming and out.exists() and any(out.iterdir()):
         if not cfg.overwrite_output_dir:
+            latest = find_latest_checkpoint(out)
+            hint = f", or resume it with resume_from_checkpoint=true (latest: {latest.name})" if latest else ""
             raise RunError(f"output_dir {out} is not empty; set overwrite_output_dir: true "
-                           f"(or pass overwrite_output_dir=true) to replace it, or choose another output_dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+                           f"(or pass overwrite_output_dir=true) to replace it, or choose another output_dir{hint}")
+        if accelerator is None or accelerator.is_main_process:
+            shutil.rmtree(out)
+    if accelerator is None or accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return out
 
 
+def resolve_resume(cfg: ReinforgeConfig) -> Path | None:
+    """The checkpoint to resume from: `resume_from_checkpoint` as a path, or (true) the latest complete
+    checkpoint in output_dir; None when not resuming.
+
+    Raises:
+        RunError: no complete checkpoint there (an interrupted save leaves only `checkpoint-N.tmp`).
+    """
+    value = cfg.resume_from_checkpoint
+    if value is None or value is False:
+        return None
+    if value is True:
+        path = find_latest_checkpoint(cfg.output_dir)
+        if path is None:
+            partial = sorted(p.name for p in Path(cfg.output_dir).glob("checkpoint-*")) if Path(cfg.output_dir).is_dir() else []
+            found = f" (found only incomplete: {', '.join(partial)})" if partial else ""
+            raise RunError(f"resume_from_checkpoint: true, but output_dir {cfg.output_dir} holds no complete "
+                           f"checkpoint{found}; remove resume_from_checkpoint to start a new run")
+        return path
+    path = Path(value)
+    if not is_complete(path):
+        why = "does not exist" if not path.exists() else "is not a complete checkpoint (no trainer_state.json)"
+        raise RunError(f"resume_from_checkpoint: {path} {why}; complete checkpoints in {cfg.output_dir}: "
+                       f"{', '.join(p.name for p in list_checkpoints(cfg.output_dir)) or 'none'}")
+    return path
+
+
+def _require(package: str, key: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise RunError(f"{key}: the {package} package is not installed; pip install {package} (or remove {key})")
+
+
+def build_trackers(cfg: ReinforgeConfig) -> list:
+    """accelerate trackers for the `use_*` keys (TensorBoard under output_dir/runs, W&B, MLflow, trackio).
+
+    Raises:
+        RunError: a tracker whose package is not installed.
+    """
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+
+    def given(**kwargs):
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    trackers = []
+    if cfg.use_tensorboard:
+        trackers.append(TensorBoardTracker("runs", cfg.output_dir))
+    if cfg.use_wandb_value:
+        _require("wandb", "use_wandb")
+        trackers.append(WandBTracker(cfg.wandb_project or "reinforge", **given(
+            name=cfg.wandb_name, entity=cfg.wandb_entity, mode=cfg.wandb_mode, dir=cfg.output_dir)))
+    if cfg.use_mlflow_value:
+        _require("mlflow", "use_mlflow")
+        if cfg.mlflow_tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = cfg.mlflow_tracking_uri
+        trackers.append(MLflowTracker(experiment_name=cfg.mlflow_experiment_name or "reinforge",
+                                      run_name=cfg.mlflow_run_name))
+    if cfg.use_trackio:
+        _require("trackio", "use_trackio")
+        trackers.append(TrackioTracker(cfg.trackio_project or "reinforge", **given(name=cfg.trackio_run_name)))
+    return trackers
+
+
 def make_accelerator(cfg: ReinforgeConfig):
-    """accelerate's Accelerator with the configured precision and trackers (TensorBoard under output_dir/runs)."""
+    """accelerate's Accelerator with the configured precision, trackers and DeepSpeed/FSDP plugin."""
     import torch
     from accelerate import Accelerator
 
@@ -37,8 +111,16 @@ def make_accelerator(cfg: ReinforgeConfig):
     else:
         bf16 = bool(cfg.bf16)
     precision = "bf16" if bf16 else "fp16" if cfg.fp16 else "no"
-    trackers = ["tensorboard"] if cfg.use_tensorboard else None
-    return Accelerator(mixed_precision=precision, log_with=trackers, project_dir=cfg.output_dir)
+    from reinforge.training.distributed import accelerator_plugins, launched_world_size
+
+    try:
+        plugins = accelerator_plugins(cfg)
+    except RuntimeError as exc:
+        raise RunError(str(exc)) from None
+    # Several CPU processes (torchrun/accelerate launch without GPUs) run as MULTI_CPU over gloo only with cpu=True.
+    cpu = launched_world_size() > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=precision, log_with=build_trackers(cfg) or None, project_dir=cfg.output_dir,
+                       cpu=cpu, **plugins)
 
 
 def setup_logging() -> None:
