@@ -87,11 +87,12 @@ class TRLConfig(StrictModel):
     use_vllm: bool = Field(default=False, description="Generate through a vLLM server instead of in-process.")
 
 
+from reinforge.config.performance import PerformanceKeys  # noqa: E402
 from reinforge.config.preference import PreferenceKeys  # noqa: E402
 from reinforge.config.run import RunKeys  # noqa: E402
 
 
-class ReinforgeConfig(PreferenceKeys, RunKeys, StrictModel):
+class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
     """A whole training run. Keys follow Axolotl; see docs/config.md."""
 
     # --- model ---

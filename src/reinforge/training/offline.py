@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from reinforge.algorithms.registry import method
 from reinforge.config.schema import ReinforgeConfig
-from reinforge.data.collate import PairedCollator, UnpairedCollator
+from reinforge.data.packing import build_collator
 from reinforge.data.prepare import prepare_data
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_policy, load_reference, load_tokenizer
@@ -31,7 +31,6 @@ from reinforge.training.objectives import build_objective
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
 from reinforge.training.setup import make_accelerator, prepare_output_dir, resolve_resume
-from reinforge.training.summary import print_summary
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +87,8 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
         data = prepare_data(cfg, tokenizer)
     policy = load_policy(cfg)
     reference = load_reference(cfg, policy) if spec.needs_reference else None
-    module = LogpsModel(policy)
-    collate = (PairedCollator if spec.data == "paired" else UnpairedCollator)(tokenizer.pad_token_id)
+    module = LogpsModel(policy, chunked=cfg.chunked_logprobs)
+    collate = build_collator(cfg, spec.data, tokenizer.pad_token_id)
     if cfg.precompute_ref_log_probs:
         with accelerator.main_process_first():
             data.train, data.eval, reference = _precompute_reference(cfg, spec, data, reference, module, collate)
@@ -161,4 +160,4 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
         writer.log(evaluate(unwrapped, reference, objective, eval_loader, accelerator), total_steps)
     run.save_final()
     accelerator.end_training()
-    return print_summary(cfg, writer.history, data.stats, out_dir)
+    return run.summary(writer.history, data.stats)

@@ -1,0 +1,220 @@
+"""Packing, prefix sharing and chunked log-probs change nothing: per-sequence log-probs, the loss and the
+gradient of every parameter equal the padded full-logits computation, for DPO, KTO and ORPO batches with
+very different lengths and a multi-turn prompt.
+
+In float64, transformers' LlamaRMSNorm still computes in float32 (it casts its input). Forward values stay
+identical, but prefix sharing adds the gradients of a shared prompt token BEFORE that float32 backward
+(instead of after it), which moves them by ~1e-7 relative. The float64 tests therefore run the norm in
+the input dtype (`float64_norm`), so that any layout error shows up far above rounding (tolerance 1e-9);
+`test_float32_model_as_shipped` checks the unmodified model in float32 to 1e-5 (relative).
+"""
+
+import pytest
+import torch
+
+from reinforge.data.collate import PairedCollator, UnpairedCollator
+from reinforge.data.packing import PackedCollator
+from reinforge.models.forward import SEGMENT_ATTENTION, LogpsModel
+from reinforge.training.objectives import DPOObjective, KTOObjective, ORPOObjective
+
+PAD = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: one thread is faster, and avoids stalls when other processes share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def float64_norm(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+
+
+VOCAB = 512  # token ids are renumbered compactly (`_compact`): a 49k-vocabulary head would dominate the run time
+
+
+def _load(seed, dtype=torch.float64, attn="sdpa"):
+    """A random 2-layer Llama (GQA, tied embeddings) with a small vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, pad_token_id=PAD, attn_implementation=attn)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _compact(rows):
+    """Renumber the token ids of rows into 3..VOCAB-1, keeping equal ids equal (so shared prompts stay shared)."""
+    ids = sorted({t for r in rows for k, v in r.items() if k.endswith("_ids") for t in v})
+    assert len(ids) <= VOCAB - 3
+    new = {t: i + 3 for i, t in enumerate(ids)}
+    return [{k: ([new[t] for t in v] if k.endswith("_ids") else v) for k, v in r.items()} for r in rows]
+
+
+def _encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    multi_turn = [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "Seven."},
+                  {"role": "user", "content": "And one larger than one hundred, please, with a short reason?"}]
+    single = [{"role": "user", "content": "Hi"}]
+    render = lambda m: _encode(tokenizer, tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False))
+    return {"multi": render(multi_turn), "single": render(single), "short": _encode(tokenizer, "Q:"),
+            "one": _encode(tokenizer, "x")[:1]}
+
+
+def _comp(tokenizer, text):
+    return _encode(tokenizer, text + "<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def paired_rows(prompts, tokenizer):
+    c = lambda t: _comp(tokenizer, t)
+    return _compact([
+        {"prompt_ids": prompts["multi"], "chosen_ids": c("101, since it has no divisor but 1 and itself."),
+         "rejected_ids": c("100")},
+        {"prompt_ids": prompts["short"], "chosen_ids": c("A"), "rejected_ids": c("A long and winding answer that "
+                                                                                  "goes on and on for a while.")},
+        {"prompt_ids": prompts["one"], "chosen_ids": c("yes"), "rejected_ids": c("no, not at all")},
+        {"prompt_ids": prompts["single"], "chosen_ids": c("Hello! How can I help?"), "rejected_ids": c("Go away.")},
+    ])
+
+
+@pytest.fixture(scope="module")
+def unpaired_rows(paired_rows):
+    # completions of very different lengths; KL sequences pair each prompt with the previous completion
+    keys = ("chosen_ids", "rejected_ids", "chosen_ids", "rejected_ids")
+    return [{"prompt_ids": r["prompt_ids"], "completion_ids": r[k], "label": i % 2 == 0}
+            for i, (r, k) in enumerate(zip(paired_rows, keys))]
+
+
+# (packing capacity, share prefix): None/False = the padded collator
+LAYOUTS = {
+    "padded": (None, False),
+    "packed-one-row": (10**6, False),
+    "packed-rows-of-48": (48, False),
+    "shared": (None, True),
+    "packed-shared-one-row": (10**6, True),
+    "packed-shared-rows-of-64": (64, True),
+}
+
+
+def _collator(kind, layout):
+    inner = PairedCollator(PAD) if kind == "paired" else UnpairedCollator(PAD)
+    capacity, share = LAYOUTS[layout]
+    if capacity is None and not share:
+        return inner
+    return PackedCollator(inner, PAD, capacity=capacity, share_prefix=share)
+
+
+def _step(policy, reference, objective, batch, chunked, segment_attention):
+    """(policy logps, loss, gradients of every policy parameter) of one objective step."""
+    module = LogpsModel(policy, chunk_size=64, chunked=chunked, segment_attention=segment_attention)
+    ref_module = LogpsModel(reference, chunk_size=64, chunked=chunked, segment_attention=segment_attention)
+    out = module(**batch)
+    ref = None
+    if objective.needs_reference:
+        with torch.no_grad():
+            ref = ref_module(**batch)["logps"]
+    loss, _ = objective(out, ref, batch)
+    grads = torch.autograd.grad(loss, [p for p in policy.parameters()])
+    return out, loss.detach(), grads
+
+
+# every (chunked log-probs, segment attention) combination on every layout
+PATHS = [(True, True), (True, False), (False, True), (False, False)]
+
+METHODS = {
+    "dpo": ("paired", lambda: DPOObjective(beta=0.1)),
+    "kto": ("unpaired", lambda: KTOObjective(beta=0.1)),
+    "orpo": ("paired", lambda: ORPOObjective(alpha=0.1)),
+}
+
+
+def _assert_same(got, want, atol, rtol=0.0):
+    (out, loss, grads), (out0, loss0, grads0) = got, want
+    assert torch.allclose(out["logps"], out0["logps"], atol=atol, rtol=rtol)
+    assert torch.allclose(out["token_logps"], out0["token_logps"], atol=atol, rtol=rtol)
+    assert torch.equal(out["token_seq"], out0["token_seq"])
+    assert torch.allclose(loss, loss0, atol=atol, rtol=rtol)
+    for g, g0 in zip(grads, grads0):
+        scale = float(g0.abs().max()) if rtol else 1.0
+        assert torch.allclose(g, g0, atol=atol * max(scale, 1.0), rtol=rtol)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_layout_and_logprob_path_equals_padded_full_logits(method, paired_rows,
+                                                                 unpaired_rows, float64_norm):
+    kind, make = METHODS[method]
+    rows = paired_rows if kind == "paired" else unpaired_rows
+    policy, reference = _load(0), _load(1)
+    objective = make()
+    want = _step(policy, reference, objective, _collator(kind, "padded")(rows), chunked=False, segment_attention=False)
+    assert policy.config._attn_implementation == "sdpa"
+    lengths = want[0]["logps"].new_tensor(_collator(kind, "padded")(rows)["n_tokens"].tolist())
+    assert float(lengths.max()) >= 5 * float(lengths.min())  # very different lengths
+    for layout in LAYOUTS:
+        batch = _collator(kind, layout)(rows)
+        if LAYOUTS[layout][1]:
+            assert "branch_ids" in batch  # some prompt really is shared
+        for chunked, segment_attention in PATHS:
+            got = _step(policy, reference, objective, batch, chunked, segment_attention)
+            assert policy.config._attn_implementation == (SEGMENT_ATTENTION if segment_attention else "sdpa")
+            try:
+                _assert_same(got, want, atol=1e-9)
+            except AssertionError as e:
+                raise AssertionError(f"{method} {layout} chunked={chunked} segment={segment_attention}") from e
+
+
+@pytest.mark.parametrize("layout", ["packed-rows-of-48", "packed-shared-rows-of-64"])
+def test_eager_attention_packed_and_shared(layout, paired_rows, float64_norm):
+    """Eager attention: packing through transformers' packed position ids, prefix sharing through a 4-D additive mask."""
+    policy, reference = _load(0, attn="eager"), _load(1, attn="eager")
+    objective = DPOObjective(beta=0.1)
+    want = _step(policy, reference, objective, _collator("paired", "padded")(paired_rows), False, True)
+    got = _step(policy, reference, objective, _collator("paired", layout)(paired_rows), True, True)
+    assert policy.config._attn_implementation == "eager"  # segment attention only replaces sdpa
+    _assert_same(got, want, atol=1e-6, rtol=1e-6)  # eager attention takes its softmax in float32
+
+
+def test_float32_model_as_shipped(paired_rows):
+    policy, reference = _load(0, torch.float32), _load(1, torch.float32)
+    objective = DPOObjective(beta=0.1)
+    want = _step(policy, reference, objective, _collator("paired", "padded")(paired_rows), False, False)
+    got = _step(policy, reference, objective, _collator("paired", "packed-shared-one-row")(paired_rows), True, True)
+    _assert_same(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_segment_attention_is_plain_sdpa_for_ordinary_batches():
+    """With the model switched to reinforge_sdpa, padded batches and generation are unchanged."""
+    model = _load(0)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, PAD, PAD, PAD]])
+    mask = (ids != PAD).long()
+    before = model(input_ids=ids, attention_mask=mask).logits
+    gen0 = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    LogpsModel(model)
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+    after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen0)
+
+
+def test_token_logps_come_sequence_by_sequence(paired_rows):
+    model = _load(0)
+    batch = _collator("paired", "packed-shared-one-row")(paired_rows)
+    out = LogpsModel(model)(**batch)
+    seq = out["token_seq"]
+    assert bool((seq[1:] >= seq[:-1]).all())
+    assert torch.bincount(seq, minlength=8).tolist() == batch["n_tokens"].tolist()
