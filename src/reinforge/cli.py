@@ -40,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 the run could not start or continue (the message says why, e.g. non-finite
     steps, reward function errors); 2 invalid config or data; 130 (SIGINT) / 143 (SIGTERM) interrupted after
     writing a checkpoint (the message gives the command that resumes), or 130 when stopped at once by a
-    second Ctrl-C."""
+    second Ctrl-C (143 for a second SIGTERM)."""
     try:
         return _main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if os.environ.get("RANK", "0") == "0":
             print("\nreinforge: stopped at once; no checkpoint was written for the current step (the latest complete "
                   "checkpoint in output_dir still resumes with resume_from_checkpoint=true)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -4,8 +4,8 @@ Data parallelism is explicit here rather than left to accelerate's data-loader w
 of every micro-batch are a pure function of (seed, position) — which is what makes resume exact and
 lets an error name the rows of a step:
 
-- `BatchPlan`: epoch e reads the rows in the order `torch.randperm(n)` seeded with `seed + e` (epoch 0
-  is the order of a `DataLoader(shuffle=True, generator=manual_seed(seed))`). Global micro-batch k takes
+- `BatchPlan`: epoch e reads the rows in the order `torch.randperm(n)` with a generator seeded with
+  `seed + e`, so any epoch's order is known without replaying the earlier ones. Global micro-batch k takes
   the next `per_process × world` rows of that order; process r reads the r-th contiguous slice. With one
   process, the last micro-batch of an epoch may be short (as a DataLoader); with several, it is filled up
   from the start of the epoch's order (accelerate's `even_batches`), because every process must run the

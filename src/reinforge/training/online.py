@@ -35,7 +35,6 @@ from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
 from reinforge.training.rollout import RolloutBatch, RolloutMaker, RolloutStream, per_token
 from reinforge.training.setup import RunError, make_accelerator, prepare_output_dir, resolve_resume
-from reinforge.training.summary import print_summary
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         pool.close()
     run.save_final()
     accelerator.end_training()
-    return print_summary(cfg, writer.history, data.stats, out_dir)
+    return run.summary(writer.history, data.stats)
 
 
 def _rollout_maker(cfg: ReinforgeConfig, policy, tokenizer, funcs, pool) -> RolloutMaker:

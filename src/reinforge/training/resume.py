@@ -10,6 +10,8 @@ in a row the run stops naming the step and its rows); `end_step()` writes the sc
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import shlex
@@ -26,6 +28,7 @@ from reinforge.training.distributed import any_across, is_sharded
 from reinforge.training.metrics import write_run_info
 from reinforge.training.setup import RunError
 from reinforge.training.signals import StopSignal, TrainingInterrupted
+from reinforge.training.summary import print_summary
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,12 @@ class RunControl:
                                total_limit=self.cfg.save_total_limit)
         self._saved_step = step
         return path
+
+    def summary(self, history: list[dict[str, Any]], stats) -> dict[str, Any]:
+        """The run summary (`print_summary`), printed by the main process only."""
+        quiet = contextlib.redirect_stdout(io.StringIO()) if not self.accelerator.is_main_process else contextlib.nullcontext()
+        with quiet:
+            return print_summary(self.cfg, history, stats, self.out_dir)
 
     def save_final(self) -> None:
         """The trained model (adapter or full), tokenizer and config into output_dir (all processes call this)."""

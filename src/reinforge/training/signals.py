@@ -3,7 +3,7 @@
 `StopSignal` is a context manager that replaces the SIGINT and SIGTERM handlers while the training loop
 runs. The first signal only records the request (the loop checks it after every optimiser step, agreed
 across processes, then checkpoints and raises `TrainingInterrupted`); a second signal raises
-`KeyboardInterrupt` at once, wherever the program is — including in the middle of writing that checkpoint,
+`StopNow` (a `KeyboardInterrupt`) at once, wherever the program is — including in the middle of writing that checkpoint,
 which is safe because checkpoints are written atomically.
 """
 
@@ -28,8 +28,17 @@ class TrainingInterrupted(RunError):
         self.exit_code = EXIT_CODES.get(signal.Signals(signum), 128 + signum)
 
 
+class StopNow(KeyboardInterrupt):
+    """Raised by the second signal: stop at once, without a checkpoint. `exit_code`: 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"second {signal.Signals(signum).name}: stopping at once")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class StopSignal:
-    """Records the first SIGINT/SIGTERM; the second one raises KeyboardInterrupt.
+    """Records the first SIGINT/SIGTERM; the second one raises `StopNow` (a KeyboardInterrupt).
 
     Attributes:
         signum: the first signal received, or None.
@@ -47,7 +56,7 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+            raise StopNow(signum)
         self.signum = signum
         if self.announce:
             print(f"\nreinforge: {signal.Signals(signum).name} received — finishing the current step, then writing "
