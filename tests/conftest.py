@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ DATA_DIR = ROOT / "examples" / "data"
 REAL_MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prepared-data and reference-log-prob caches of the tests go to a throwaway directory, not ~/.cache.
+os.environ.setdefault("REINFORGE_CACHE", tempfile.mkdtemp(prefix="reinforge-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
