@@ -194,3 +194,36 @@ def test_nonfinite_step_is_skipped_then_persistent_ones_stop_the_run(tmp_path, t
     assert "max_consecutive_nonfinite_steps: 2" in err
     named = err.split("rows of this step: ")[1].split(". 2 non-finite")[0]
     assert sorted(int(x) for x in re.findall(r"pairs\.json row (\d+)", named)) == rows
+
+
+def test_metrics_reach_every_tracker_offline(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """metrics.jsonl always; TensorBoard, W&B (offline) and MLflow (file store) through accelerate's trackers."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    # MLflow 3 refuses its file store unless allowed; the error a user then sees names the tracker:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    refused = dpo_config(tmp_path, "refused", tiny_model_dir, max_steps=1, save_steps=None, use_mlflow=True,
+                         mlflow_tracking_uri=uri)
+    assert main(["train", str(refused)]) == 1
+    assert "starting the experiment trackers (MLflowTracker) failed: MlflowException" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    cfg = dpo_config(tmp_path, "tracked", tiny_model_dir, max_steps=2, save_steps=None, use_tensorboard=True,
+                     use_wandb=True, wandb_project="reinforge-test", wandb_name="tiny", wandb_mode="offline",
+                     mlflow_tracking_uri=uri, mlflow_experiment_name="reinforge-test", mlflow_run_name="tiny")
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "tracked"
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.search_runs(experiment_names=["reinforge-test"], output_format="list")
+    assert len(found) == 1 and found[0].info.run_name == "tiny"
+    history = mlflow.MlflowClient(uri).get_metric_history(found[0].info.run_id, "loss")
+    assert [h.step for h in history] == [1, 2] and abs(history[0].value - metrics(out)[0]["loss"]) < 1e-6
+    assert found[0].data.params["rl"] == "dpo" and "versions.torch" in found[0].data.params

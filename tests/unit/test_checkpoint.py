@@ -277,7 +277,120 @@ def test_run_keys_validation(tmp_path):
 
     assert fsdp_plugin_kwargs(["full_shard", "auto_wrap"], {"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
                                                             "fsdp_version": 2}) == {
-        "sharding_strategy": "FULL_SHARD", "auto_wrap_policy": "transformer_based_wrap",
+        "reshard_after_forward": True, "auto_wrap_policy": "transformer_based_wrap",
         "transformer_cls_names_to_wrap": ["LlamaDecoderLayer"], "fsdp_version": 2}
+    assert fsdp_plugin_kwargs("shard_grad_op offload", None) == {"reshard_after_forward": "SHARD_GRAD_OP",
+                                                                 "cpu_offload": True}
     c = cfg_of(wandb_project="p")
     assert c.use_wandb_value and not cfg_of(wandb_project="p", use_wandb=False).use_wandb_value
+
+
+def test_deepspeed_auto_values_filled_and_missing_package_is_clear(tmp_path):
+    from reinforge.training.distributed import deepspeed_config
+    from reinforge.training.setup import make_accelerator
+
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                              "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                              "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}))
+    cfg = cfg_of(deepspeed=str(ds), micro_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5, bf16=True)
+    assert deepspeed_config(cfg) == {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 3,
+                                     "gradient_accumulation_steps": 2, "gradient_clipping": 0.5, "bf16": {"enabled": True}}
+    pytest.importorskip("accelerate")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with pytest.raises(RunError, match="deepspeed package is not installed"):
+            make_accelerator(cfg)
+
+
+class CountingObjective:
+    """An objective with running state (like bco_pair's running mean)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def state_dict(self):
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.total, self.count = state["total"], state["count"]
+
+
+def test_objective_state_is_saved_and_restored(tmp_path, tiny):
+    model, tok = tiny
+    opt, sched = _parts(model)
+    obj = CountingObjective()
+    obj.total, obj.count = 4.5, 9
+    path = _save(tmp_path, model, tok, opt, sched, 1, objective=obj)
+    again = CountingObjective()
+    ckpt.load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, objective=again)
+    assert (again.total, again.count) == (4.5, 9)
+    path2 = _save(tmp_path, model, tok, opt, sched, 2)  # written without the objective's state
+    with pytest.raises(RuntimeError, match="no objective_state.pt"):
+        ckpt.load_checkpoint(path2, model=model, optimizer=opt, scheduler=sched, objective=again)
+
+
+def test_end_step_saves_on_schedule_and_on_a_signal(tmp_path, monkeypatch):
+    from reinforge.training.signals import TrainingInterrupted
+
+    saved = []
+    for kw, expected in [({"save_steps": 2}, [2, 4]), ({"save_strategy": "epoch"}, [3]), ({}, [])]:
+        run = _control(tmp_path, **kw)
+        saved.clear()
+        monkeypatch.setattr(run, "save", lambda step, position, rank_state: saved.append(step) or tmp_path / "c")
+        for step in range(1, 5):
+            run.end_step(step, step * 2, epoch_done=step == 3, rank_state={})
+        assert saved == expected, kw
+    run = _control(tmp_path)
+    monkeypatch.setattr(run, "save", lambda step, position, rank_state: saved.append(step) or tmp_path / "ckpt-7")
+    monkeypatch.setattr("sys.argv", ["reinforge", "train", "c.yaml"])
+    run.stop.signum = signal.SIGINT
+    with pytest.raises(TrainingInterrupted) as info:
+        run.end_step(7, 14, epoch_done=False, rank_state={})
+    assert saved[-1] == 7 and info.value.exit_code == 130
+    assert "interrupted after step 7; checkpoint written to" in str(info.value)
+    assert "resume with: reinforge train c.yaml resume_from_checkpoint=true" in str(info.value)
+
+
+def test_reference_under_zero3_becomes_an_inference_engine(monkeypatch):
+    """The reference model is handed to deepspeed.initialize with the policy's ZeRO-3 config, without optimizer
+    or scheduler (stage 3 keeps its partitioning, other stages run as stage 0); deepspeed itself needs GPUs,
+    so its `initialize` is replaced by a recorder here."""
+    import sys
+
+    from reinforge.training.distributed import prepare_frozen_model
+
+    calls = []
+
+    class Engine:
+        def __init__(self, model):
+            self.model, self.training = model, True
+
+        def eval(self):
+            self.training = False
+
+    fake = types.SimpleNamespace(initialize=lambda model, config: calls.append(config) or (Engine(model), None, None, None))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    for stage, expected in ((3, {"stage": 3, "offload_param": {"device": "cpu"}}), (2, {"stage": 0})):
+        ds = {"zero_optimization": {"stage": stage, "offload_param": {"device": "cpu"}}, "optimizer": {"type": "AdamW"},
+              "scheduler": {"type": "WarmupLR"}, "train_micro_batch_size_per_gpu": 2}
+        acc = types.SimpleNamespace(distributed_type="DistributedType.DEEPSPEED",
+                                    state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=ds)))
+        model = torch.nn.Linear(2, 2)
+        engine = prepare_frozen_model(acc, model)
+        assert engine.model is model and not engine.training
+        assert calls[-1] == {"zero_optimization": expected, "train_micro_batch_size_per_gpu": 2}
+        assert "optimizer" in ds  # the policy's config is left as it was
+    plain = types.SimpleNamespace(distributed_type="DistributedType.MULTI_CPU",
+                                  prepare_model=lambda m, evaluation_mode: ("placed", evaluation_mode))
+    assert prepare_frozen_model(plain, torch.nn.Linear(2, 2)) == ("placed", True)
+
+
+def test_online_methods_refuse_sharded_weights():
+    online = {"rl": "grpo", "trl": {"reward_funcs": ["m.f"], "num_generations": 2}, "micro_batch_size": 2}
+    with pytest.raises(ConfigError, match="FSDP and DeepSpeed ZeRO-3 are not supported for online methods"):
+        cfg_of(**online, deepspeed={"zero_optimization": {"stage": 3}})
+    with pytest.raises(ConfigError, match="not supported for online methods"):
+        cfg_of(**online, fsdp=True)
+    assert cfg_of(**online, deepspeed={"zero_optimization": {"stage": 2}}).deepspeed_dict

@@ -59,6 +59,15 @@ def fsdp_plugin_kwargs(fsdp: list[str] | str | bool | None, fsdp_config: dict[st
         if target == "transformer_cls_names_to_wrap" and isinstance(value, str):
             value = [v.strip() for v in value.split(",")]
         out[target] = value
+    if "sharding_strategy" in out:  # accelerate's current name: reshard_after_forward (a strategy for FSDP1)
+        strategy = out.pop("sharding_strategy")
+        if out.get("fsdp_version", 1) == 2:
+            # FSDP2 has no strategies: full_shard = reshard parameters after forward, shard_grad_op = keep them
+            if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+                raise ValueError(f"fsdp {strategy.lower()} is not available with fsdp_version: 2 (full_shard or "
+                                 f"shard_grad_op)")
+            strategy = strategy == "FULL_SHARD"
+        out.setdefault("reshard_after_forward", strategy)
     return out
 
 
@@ -187,7 +196,16 @@ class RunKeys(BaseModel):
         if self.fsdp is False and self.fsdp_config is not None:
             raise ValueError("fsdp: false but fsdp_config is set; remove one")
         fsdp_plugin_kwargs(self.fsdp, self.fsdp_config)  # unknown options are errors now, not at launch
+        rl = getattr(self, "rl", None)
+        if rl in ("grpo", "gdpo", "ebft") and (self.fsdp_enabled or _zero_stage(self.deepspeed_dict) == 3):
+            raise ValueError(f"rl: {rl} generates with the policy in-process, which needs whole (not sharded) weights: "
+                             "FSDP and DeepSpeed ZeRO-3 are not supported for online methods yet; use ZeRO-1/2 or "
+                             "plain data parallelism")
         return self
+
+
+def _zero_stage(data: dict[str, Any] | None) -> Any:
+    return ((data or {}).get("zero_optimization") or {}).get("stage", 0)
 
 
 def _check_zero(data: dict[str, Any], source: str) -> None:

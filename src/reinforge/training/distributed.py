@@ -197,12 +197,33 @@ def launched_world_size() -> int:
 
 
 # ----------------------------------------------------------------------------------------------- back-ends
+def deepspeed_config(cfg: ReinforgeConfig) -> dict[str, Any]:
+    """The `deepspeed` config with its `auto` values filled from reinforge's keys.
+
+    train_micro_batch_size_per_gpu = micro_batch_size, gradient_accumulation_steps, gradient_clipping =
+    max_grad_norm (0 = off), bf16/fp16 `enabled`; `train_batch_size: auto` is removed (DeepSpeed derives it).
+    Accelerate would infer these from a prepared data loader, which the loops do not hand it.
+    """
+    ds = cfg.deepspeed_dict or {}
+    fill = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "gradient_clipping": cfg.max_grad_norm or 0.0}
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]
+    for key, on in (("bf16", cfg.bf16 is True), ("fp16", cfg.fp16)):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = on
+    return ds
+
+
 def accelerator_plugins(cfg: ReinforgeConfig) -> dict[str, Any]:
     """Keyword arguments for `accelerate.Accelerator` from the `deepspeed` / `fsdp` keys ({} when unset).
 
-    DeepSpeed: `auto` values are filled here (train_micro_batch_size_per_gpu = micro_batch_size,
-    gradient_accumulation_steps, gradient_clipping = max_grad_norm, bf16/fp16), because the loop does not
-    hand accelerate a data loader to infer them from. Raises RuntimeError when the package is missing.
+    Raises:
+        RuntimeError: `deepspeed` set but the package is not installed.
     """
     if cfg.deepspeed is not None:
         try:
@@ -212,19 +233,7 @@ def accelerator_plugins(cfg: ReinforgeConfig) -> dict[str, Any]:
                                "pip install deepspeed on the GPU machine") from exc
         from accelerate.utils import DeepSpeedPlugin
 
-        ds = cfg.deepspeed_dict
-        fill = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-                "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                "gradient_clipping": cfg.max_grad_norm or 0.0}
-        for key, value in fill.items():
-            if ds.get(key, "auto") == "auto":
-                ds[key] = value
-        if ds.get("train_batch_size") == "auto":
-            del ds["train_batch_size"]  # DeepSpeed derives it: micro × accumulation × processes
-        for key, on in (("bf16", cfg.bf16 is True), ("fp16", cfg.fp16)):
-            if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
-                ds[key]["enabled"] = on
-        return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=ds)}
+        return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg))}
     if cfg.fsdp_enabled:
         from accelerate.utils import FullyShardedDataParallelPlugin
 

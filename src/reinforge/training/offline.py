@@ -26,7 +26,7 @@ from reinforge.data.prepare import prepare_data
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_policy, load_reference, load_tokenizer
 from reinforge.training.distributed import BatchPlan, BatchStream, loss_for_backward, prepare_frozen_model, shard
-from reinforge.training.metrics import MetricsAccumulator, MetricsWriter, flat_config
+from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.objectives import build_objective
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
@@ -108,7 +108,6 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
                      scheduler=scheduler, objective=objective, data_layout=plan.layout(),
                      describe=lambda rows: describe_rows(data, rows))
     saved = run.start(resume)
-    accelerator.init_trackers("runs", config=flat_config(cfg.model_dump(mode="json")))
     writer = MetricsWriter(out_dir, accelerator, resume_step=run.step if resume else None)
     log.info("%s: %d train rows, %d eval rows, %d steps of %d×%d rows on %d processes; reference: %s", cfg.rl,
              len(data.train), len(data.eval or []), total_steps, cfg.micro_batch_size, cfg.gradient_accumulation_steps,

@@ -30,7 +30,7 @@ from reinforge.models.loading import load_policy, load_reference, load_tokenizer
 from reinforge.rewards import RewardPool, load_reward_funcs, score
 from reinforge.training.distributed import (BatchPlan, launched_world_size, loss_for_backward,
                                             prepare_frozen_model)
-from reinforge.training.metrics import MetricsAccumulator, MetricsWriter, flat_config
+from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
 from reinforge.training.rollout import RolloutBatch, RolloutMaker, RolloutStream, per_token
@@ -89,7 +89,6 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     run = RunControl(cfg, accelerator, out_dir, module=module, tokenizer=tokenizer, optimizer=optimizer,
                      scheduler=scheduler, data_layout=plan.layout(), describe=lambda rows: describe_rows(data, rows))
     saved = run.start(resume)
-    accelerator.init_trackers("runs", config=flat_config(cfg.model_dump(mode="json")))
     writer = MetricsWriter(out_dir, accelerator, resume_step=run.step if resume else None)
     unwrapped = accelerator.unwrap_model(module)
 
@@ -119,7 +118,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     bar = tqdm(range(run.step + 1, total_steps + 1), desc=cfg.rl, initial=run.step, total=total_steps,
                disable=not accelerator.is_main_process)
     acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
-    with run.stop:
+    with run.stop, pool or nullcontext():  # the reward workers stop however the loop ends
         for step in bar:
             step_acc, losses, consumed = MetricsAccumulator(), [], stream.consumed
             for micro in range(cfg.gradient_accumulation_steps):
@@ -156,8 +155,6 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
             epoch_done = plan.epoch_of(stream.consumed) > plan.epoch_of(consumed)
             run.end_step(step, stream.position, epoch_done, {"metrics": acc.state_dict(), "rollout": stream.state(),
                                                              "rollout_metrics": rollout_metrics.state_dict()})
-    if pool is not None:
-        pool.close()
     run.save_final()
     accelerator.end_training()
     return run.summary(writer.history, data.stats)

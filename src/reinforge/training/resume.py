@@ -23,9 +23,10 @@ import torch
 import yaml
 
 from reinforge.config.schema import ReinforgeConfig
-from reinforge.training.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from reinforge.training.checkpoint import (find_latest_checkpoint, load_checkpoint, save_checkpoint, save_model,
+                                          write_config)
 from reinforge.training.distributed import any_across, is_sharded
-from reinforge.training.metrics import write_run_info
+from reinforge.training.metrics import flat_config, versions, write_run_info
 from reinforge.training.setup import RunError
 from reinforge.training.signals import StopSignal, TrainingInterrupted
 from reinforge.training.summary import print_summary
@@ -111,7 +112,8 @@ class RunControl:
 
     # ----------------------------------------------------------------------------------------- start
     def start(self, resume_path: Path | None) -> dict[str, Any]:
-        """Resume from `resume_path` (or start fresh); record the start in run_info.jsonl. Returns the saved
+        """Resume from `resume_path` (or start fresh); record the start in run_info.jsonl (versions, processes,
+        command line), the resolved config in output_dir, and start the trackers with both. Returns the saved
         data position and this process's loop state ({} when starting fresh)."""
         info: dict[str, Any] = {"event": "start", "world_size": self.accelerator.num_processes,
                                 "distributed_type": str(self.accelerator.distributed_type), "data": self.data_layout}
@@ -138,9 +140,13 @@ class RunControl:
         if self.accelerator.is_main_process:
             write_run_info(self.out_dir, info)
             if resume_path is None:
-                from reinforge.training.checkpoint import write_config
-
                 write_config(self.cfg, self.out_dir)
+        hparams = {**self.cfg.model_dump(mode="json"), "versions": versions(), "world_size": info["world_size"]}
+        try:
+            self.accelerator.init_trackers("runs", config=flat_config(hparams))
+        except Exception as exc:  # a tracker's own error (login, backend URI, ...): name it, stop before training
+            names = ", ".join(type(t).__name__ for t in self.accelerator.log_with) or "none"
+            raise RunError(f"starting the experiment trackers ({names}) failed: {type(exc).__name__}: {exc}") from exc
         return rank_state
 
     def _warn_config_changes(self, path: Path) -> None:

@@ -23,15 +23,18 @@ def prepare_output_dir(cfg: ReinforgeConfig, accelerator=None, resuming: bool = 
     Every process checks; only the main process deletes or creates (then all wait for it).
     """
     out = Path(cfg.output_dir)
-    if not resuming and out.exists() and any(out.iterdir()):
-        if not cfg.overwrite_output_dir:
-            latest = find_latest_checkpoint(out)
-            hint = f", or resume it with resume_from_checkpoint=true (latest: {latest.name})" if latest else ""
-            raise RunError(f"output_dir {out} is not empty; set overwrite_output_dir: true "
-                           f"(or pass overwrite_output_dir=true) to replace it, or choose another output_dir{hint}")
-        if accelerator is None or accelerator.is_main_process:
-            shutil.rmtree(out)
-    if accelerator is None or accelerator.is_main_process:
+    non_empty = not resuming and out.exists() and any(out.iterdir())
+    if non_empty and not cfg.overwrite_output_dir:
+        latest = find_latest_checkpoint(out)
+        hint = f", or resume it with resume_from_checkpoint=true (latest: {latest.name})" if latest else ""
+        raise RunError(f"output_dir {out} is not empty; set overwrite_output_dir: true "
+                       f"(or pass overwrite_output_dir=true) to replace it, or choose another output_dir{hint}")
+    main = accelerator is None or accelerator.is_main_process
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+    if main and non_empty:
+        shutil.rmtree(out)
+    if main:
         out.mkdir(parents=True, exist_ok=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()
