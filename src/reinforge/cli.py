@@ -16,8 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. learning_rate=1e-5 trl.beta=0.05")
     t.add_argument("--num-processes", type=int, default=None, metavar="N",
-                   help="train on N processes (data parallel): re-launches itself through torch.distributed.run "
-                        "(gloo on CPU, NCCL on GPUs); the same as `torchrun --nproc-per-node N -m reinforge.cli train ...`")
+                   help="train on N processes on this machine (data parallel; gloo on CPU, NCCL on GPUs): re-launches "
+                        "itself N times with torchrun's environment, like `torchrun --nproc-per-node N -m "
+                        "reinforge.cli train ...`")
     v = sub.add_parser("validate", help="print the resolved config, or the errors")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")

@@ -108,3 +108,38 @@ def test_grpo_two_processes_equal_one(tmp_path, tiny_model_dir, monkeypatch):
     assert m[0]["frac_reward_zero_std"] == 0.0 and m[0]["grad_norm"] > 0 and m[1]["kl"] > 0
     base, trained = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert any(not torch.equal(base[k], trained[k]) for k in base)
+
+
+def test_ctrl_c_stops_both_processes_after_the_same_step(tmp_path, tiny_model_dir):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) reaches the launcher and both workers once: they
+    agree on the step, write one checkpoint together, and the command prints how to resume."""
+    import signal
+    import time
+
+    from reinforge.training.checkpoint import read_state
+
+    rows = json.loads((DATA_DIR / "dpo_en_demo.json").read_text())[:8]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    ds = {"path": str(tmp_path / "pairs.json"), "type": "chat_template.default", "field_messages": "conversations",
+          "message_property_mappings": {"role": "from", "content": "value"}, "roles": {"user": ["human"], "assistant": ["gpt"]}}
+    cfg = {"base_model": str(tiny_model_dir), "rl": "dpo", "datasets": [ds], "sequence_len": 64, "micro_batch_size": 2,
+           "max_steps": 100000, "lr_scheduler": "constant", "output_dir": str(tmp_path / "out"), "use_tensorboard": False}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    err = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen([str(BIN / "reinforge"), "train", "run.yaml", "--num-processes", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    log = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    assert proc.wait(timeout=120) == 130
+    text = (tmp_path / "stderr.txt").read_text()
+    assert text.count("interrupted after step") == 1, text[-3000:]  # printed by process 0 only
+    step = int(text.split("interrupted after step ")[1].split(";")[0])
+    state = read_state(tmp_path / "out" / f"checkpoint-{step}")
+    assert state["world_size"] == 2 and state["position"] == step
+    assert (tmp_path / "out" / f"checkpoint-{step}" / "rank_1.pt").exists()
+    assert "resume with: reinforge train --num-processes=2 run.yaml resume_from_checkpoint=true" in text

@@ -152,7 +152,7 @@ def test_full_model_mismatch_is_an_error(tmp_path, tiny):
     with pytest.raises(RuntimeError, match="do not match"):
         ckpt.load_model_weights(small, path)
     fake = types.SimpleNamespace(num_processes=2, process_index=0, distributed_type="MULTI_CPU")
-    with pytest.raises(RuntimeError, match="written by 1 processes; resume it with the same number"):
+    with pytest.raises(RuntimeError, match=r"written by 1 process\(es\); resume it with one process \(without --num-processes\), not 2"):
         ckpt.load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, accelerator=fake)
 
 

@@ -245,8 +245,9 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, objective=
     state = read_state(path)
     world_size = 1 if accelerator is None else accelerator.num_processes
     if state.get("world_size", 1) != world_size:
-        raise RuntimeError(f"{path} was written by {state.get('world_size')} processes; resume it with the same "
-                           f"number (reinforge train --num-processes {state.get('world_size')}), not {world_size}")
+        n = state.get("world_size", 1)
+        how = "one process (without --num-processes)" if n == 1 else f"{n} processes (reinforge train --num-processes {n})"
+        raise RuntimeError(f"{path} was written by {n} process(es); resume it with {how}, not {world_size}")
     rank = 0 if accelerator is None else accelerator.process_index
     if accelerator is not None and is_sharded(accelerator):
         accelerator.load_state(str(path))

@@ -11,7 +11,7 @@ lets an error name the rows of a step:
   from the start of the epoch's order (accelerate's `even_batches`), because every process must run the
   same number of forward/backward passes.
 - `gather_rows` / `sum_across`: collectives over `torch.distributed` (no-ops in a single process).
-- `relaunch`: the `--num-processes N` convenience, `python -m torch.distributed.run` on this CLI.
+- `relaunch`: the `--num-processes N` convenience: N copies of this CLI with torchrun's environment.
 - `accelerator_plugins`: `deepspeed` / `fsdp` config keys → accelerate plugins (need GPUs).
 - `prepare_frozen_model`: a reference model for inference under DeepSpeed ZeRO-3 (or plain placement).
 """
@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -171,24 +174,52 @@ def any_across(flags: list[bool], device: torch.device | str = "cpu") -> list[bo
 
 
 # ---------------------------------------------------------------------------------------------- launching
-def relaunch(num_processes: int, argv: list[str]) -> int:
-    """Run `reinforge <argv>` in `num_processes` processes through `python -m torch.distributed.run`.
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    Each process gets OMP_NUM_THREADS = cores / processes unless set. The workers run in their own session
-    (torchrun's default): a Ctrl-C reaches this launcher, which torchrun forwards once to every worker, so
-    each finishes its step and writes its part of the checkpoint (`--shutdown-timeout 600` before SIGKILL).
-    Returns the launcher's exit code (the workers' 130/143 after an interruption, 1 on a failure).
+
+def relaunch(num_processes: int, argv: list[str], grace_seconds: float = 300.0) -> int:
+    """Run `reinforge <argv>` in `num_processes` processes on this machine (torch.distributed env:// rendezvous).
+
+    Each worker gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT (what torchrun sets) and
+    OMP_NUM_THREADS = cores / processes unless set. The workers share this launcher's process group, so a
+    terminal's Ctrl-C reaches each of them exactly once (the launcher itself ignores SIGINT and waits); a
+    SIGTERM sent to the launcher is forwarded to every worker. When a worker fails while others still run
+    (they would wait in a collective forever), the others are killed after `grace_seconds`.
+
+    Returns the first non-zero exit code in rank order (130/143 after an interruption), else 0.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-           "--shutdown-timeout=600", "-m", "reinforge.cli", *argv]
-    env = dict(os.environ)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(num_processes),
+               LOCAL_WORLD_SIZE=str(num_processes))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    proc = subprocess.Popen(cmd, env=env)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and forwards it; keep waiting for the workers
-            continue
+    procs = [subprocess.Popen([sys.executable, "-m", "reinforge.cli", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(num_processes)]
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    deadline = None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                return next((c for c in codes if c != 0), 0)
+            if deadline is None and any(c not in (None, 0) for c in codes):
+                deadline = time.monotonic() + grace_seconds
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launched_world_size() -> int:
