@@ -6,7 +6,7 @@ import torch
 from reinforge.config import ConfigError
 from reinforge.config.loader import build_config
 from reinforge.data.collate import PairedCollator, UnpairedCollator, pad_sequences
-from reinforge.data.packing import PackedCollator, attention_bias, build_collator, pack_sequences, unpad_sequences
+from reinforge.data.packing import UNLIMITED, PackedCollator, attention_bias, build_collator, pack_sequences, unpad_sequences
 from reinforge.models.forward import segment_layout
 
 PAD = 0
@@ -138,6 +138,8 @@ def test_build_collator_follows_config():
     assert isinstance(inner, UnpairedCollator) and inner.max_length == 64
     on = build_collator(build_config({**BASE, "packing_length": 512}), "paired", PAD)
     assert isinstance(on, PackedCollator) and on.capacity == 512 and on.share_prefix
+    default = build_collator(build_config(BASE), "paired", PAD)
+    assert default.capacity == UNLIMITED and default.share_prefix
     share_only = build_collator(build_config({**BASE, "sample_packing": False}), "paired", PAD)
     assert share_only.capacity is None and share_only.share_prefix
     with pytest.raises(ValueError, match="data kind"):

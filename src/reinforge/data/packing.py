@@ -41,6 +41,7 @@ import torch
 from reinforge.data.collate import IGNORE, PairedCollator, UnpairedCollator
 
 ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "targets", "seq_index")
+UNLIMITED = 2**62  # packing capacity meaning "no limit": one row per micro-batch
 
 
 @dataclass
@@ -242,11 +243,13 @@ def build_collator(cfg: Any, kind: str, pad_id: int) -> Callable[[list[dict[str,
         inner = UnpairedCollator(pad_id, max_length=cfg.sequence_len)
     else:
         raise ValueError(f"no preference collator for data kind {kind!r}")
-    capacity = cfg.packing_length_value if cfg.sample_packing_value else None
+    capacity = None
+    if cfg.sample_packing_value:
+        capacity = cfg.packing_length_value or UNLIMITED
     share = cfg.prefix_sharing_value
     if capacity is None and not share:
         return inner
     return PackedCollator(inner, pad_id, capacity=capacity, share_prefix=share)
 
 
-__all__ = ["PackedCollator", "attention_bias", "build_collator", "pack_sequences", "unpad_sequences"]
+__all__ = ["UNLIMITED", "PackedCollator", "attention_bias", "build_collator", "pack_sequences", "unpad_sequences"]
