@@ -68,7 +68,7 @@ def test_dpo_two_processes_equal_one(tmp_path, tiny_model_dir):
     m = assert_same(tmp_path / "one", tmp_path / "two", keys)
     train = [x for x in m if "loss" in x]
     assert abs(train[0]["loss"] - 0.6931) < 1e-3 and train[2]["loss"] < train[0]["loss"] - 1e-3  # it learns
-    assert len([x for x in m if "eval_loss" in x]) == 2  # evaluation sharded over the processes, then reduced
+    assert len([x for x in m if "eval_loss" in x]) == 2
 
 
 ROLLOUT = '''

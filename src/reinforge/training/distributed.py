@@ -123,14 +123,6 @@ class BatchStream:
         return self.plan.epoch_of(k), self.plan.global_rows(k), self.collate([self.data[i] for i in self.plan.rows(k)])
 
 
-def shard(rows: list[Any] | None, rank: int, world_size: int) -> list[Any] | None:
-    """This process's contiguous share of `rows` (for evaluation; shares differ by at most one row)."""
-    if rows is None or world_size == 1:
-        return rows
-    n = len(rows)
-    return rows[rank * n // world_size:(rank + 1) * n // world_size]
-
-
 def _comm_device(t: torch.Tensor) -> torch.device:
     """Where a collective needs `t`: the current GPU under NCCL, else where it is."""
     if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():

@@ -25,7 +25,7 @@ from reinforge.data.packing import build_collator
 from reinforge.data.prepare import prepare_data
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_policy, load_reference, load_tokenizer
-from reinforge.training.distributed import BatchPlan, BatchStream, loss_for_backward, prepare_frozen_model, shard
+from reinforge.training.distributed import BatchPlan, BatchStream, loss_for_backward, prepare_frozen_model
 from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.objectives import build_objective
 from reinforge.training.optim import build_optimizer, build_scheduler
@@ -63,7 +63,7 @@ def _precompute_reference(cfg: ReinforgeConfig, spec, data, reference, module, c
 
 def evaluate(module, reference, objective, loader, accelerator=None) -> dict[str, float]:
     """Objective metrics over the eval loader (no gradients), weighted by rows, named `eval_<metric>`; with
-    several processes each evaluates its share (pass the unwrapped module) and the means are reduced."""
+    `accelerator`, the means are reduced across processes (when each evaluated a share)."""
     acc = MetricsAccumulator()
     was_training = module.training
     module.eval()
@@ -94,8 +94,8 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
             data.train, data.eval, reference = _precompute_reference(cfg, spec, data, reference, module, collate)
     rank, world = accelerator.process_index, accelerator.num_processes
     plan = BatchPlan(len(data.train), cfg.micro_batch_size, rank, world, cfg.seed)
-    eval_loader = DataLoader(shard(data.eval, rank, world), batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-                             collate_fn=collate) if data.eval else None
+    eval_loader = DataLoader(data.eval, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+                             collate_fn=collate) if data.eval else None  # every process evaluates all of it
     total_steps = cfg.max_steps or max(1, math.ceil(math.ceil(plan.per_epoch / cfg.gradient_accumulation_steps)
                                                     * cfg.num_epochs))
     optimizer = build_optimizer(cfg, module.parameters())
@@ -115,7 +115,7 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
 
     unwrapped = accelerator.unwrap_model(module)
     if eval_loader is not None and run.step == 0:
-        writer.log(evaluate(unwrapped, reference, objective, eval_loader, accelerator), step=0)
+        writer.log(evaluate(unwrapped, reference, objective, eval_loader), step=0)
     batches = BatchStream(plan, data.train, collate, start=saved.get("position", 0))
     params = [p for p in module.parameters() if p.requires_grad]
     bar = tqdm(range(run.step + 1, total_steps + 1), desc=f"{cfg.rl}", initial=run.step, total=total_steps,
@@ -152,11 +152,11 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
                 acc, tokens, t0 = MetricsAccumulator(), 0, time.perf_counter()
             if eval_loader is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
-                writer.log(evaluate(unwrapped, reference, objective, eval_loader, accelerator), step)
+                writer.log(evaluate(unwrapped, reference, objective, eval_loader), step)
             run.end_step(step, batches.position, plan.epoch_of(batches.position) > plan.epoch_of(start),
                          {"metrics": acc.state_dict()})
     if eval_loader is not None:
-        writer.log(evaluate(unwrapped, reference, objective, eval_loader, accelerator), total_steps)
+        writer.log(evaluate(unwrapped, reference, objective, eval_loader), total_steps)
     run.save_final()
     accelerator.end_training()
     return run.summary(writer.history, data.stats)
