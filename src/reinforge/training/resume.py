@@ -103,7 +103,6 @@ class RunControl:
         self.skipped_nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self.stop = StopSignal(announce=accelerator.is_main_process)
-        self._saved_step: int | None = None
 
     @property
     def model(self):
@@ -132,7 +131,6 @@ class RunControl:
             self.step = state["step"]
             self.skipped_nonfinite_steps = state.get("skipped_nonfinite_steps", 0)
             self.consecutive_nonfinite = state.get("consecutive_nonfinite_steps", 0)
-            self._saved_step = self.step
             rank_state["position"] = state["position"]
             self._warn_config_changes(resume_path)
             info.update(event="resume", checkpoint=str(resume_path), step=self.step)
@@ -215,7 +213,6 @@ class RunControl:
                                optimizer=self.optimizer, scheduler=self.scheduler, state=state, rank_state=rank_state,
                                objective=self.objective, accelerator=self.accelerator, module=self.module,
                                total_limit=self.cfg.save_total_limit)
-        self._saved_step = step
         return path
 
     def summary(self, history: list[dict[str, Any]], stats) -> dict[str, Any]:
