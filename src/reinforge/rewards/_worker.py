@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -19,6 +20,8 @@ def init_worker(entries: list[tuple], sys_path: list[str], ready: Any) -> None:
     entries: per function ("spec", spec, search_dir, name) or ("callable", fn, name).
     """
     global _INIT_ERROR
+    # Ctrl-C is the trainer's to handle (it checkpoints, then closes the pool); a worker must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path[:] = sys_path
     try:
         for entry in entries:

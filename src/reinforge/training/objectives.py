@@ -75,7 +75,7 @@ class RunningMean:
 
     State of the bco_pair loss: its reward shift δ is the mean of all implicit rewards (chosen and
     rejected) seen in training so far, updated with the current batch before δ is used (TRL < 1.0's
-    RunningMoments behaviour). Not saved in checkpoints: a resumed run restarts the mean.
+    RunningMoments behaviour). Saved in checkpoints through the objective's `state_dict`.
     """
 
     def __init__(self) -> None:
@@ -86,6 +86,12 @@ class RunningMean:
     def mean(self) -> float:
         """The current mean (0.0 before the first update)."""
         return self.total / self.count if self.count else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.total, self.count = float(state["total"]), int(state["count"])
 
     def update(self, values: torch.Tensor) -> None:
         """Add `values` [...] (detached) to the mean."""
@@ -118,6 +124,13 @@ class DPOObjective:
     discopop_tau: float = 0.05
     bco_running_mean: bool = True
     bco_state: RunningMean = field(default_factory=RunningMean)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running state to checkpoint (the bco_pair reward mean)."""
+        return {"bco": self.bco_state.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bco_state.load_state_dict(state["bco"])
 
     def __post_init__(self) -> None:
         types = [dpo.canonical_loss_type(t) for t in self.loss_types]

@@ -40,7 +40,10 @@ def _step_outputs(module, reference, objective, batch) -> tuple[torch.Tensor, di
     ref = batch.get("ref_logps")
     if objective.needs_reference and ref is None:
         with reference.active(getattr(module, "module", module)) as ref_module:  # no DDP wrapper for the reference
-            ref = ref_module(**batch)["logps"].detach()
+            out_ref = ref_module(**batch)
+            # LD-DPO needs the reference's per-token log-probs; every other objective its sums
+            ref = ({k: v.detach() for k, v in out_ref.items()} if getattr(objective, "needs_reference_tokens", False)
+                   else out_ref["logps"].detach())
     return objective(out, ref, batch)
 
 
@@ -104,6 +107,8 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     if reference is not None and reference.model is not None:
         reference.model = prepare_frozen_model(accelerator, reference.model)
     objective = build_objective(cfg)
+    if hasattr(objective, "weighting_advice") and (advice := objective.weighting_advice(data.train)):
+        log.warning(advice)
     run = RunControl(cfg, accelerator, out_dir, module=module, tokenizer=tokenizer, optimizer=optimizer,
                      scheduler=scheduler, objective=objective, data_layout=plan.layout(),
                      describe=lambda rows: describe_rows(data, rows))
