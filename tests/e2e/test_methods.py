@@ -30,6 +30,7 @@ METHODS = {
     "ipo": ({"rl": "ipo", "rl_beta": 0.1}, PAIR_METRICS),
     "mpo+rpo": ({"rl": "dpo", "dpo_loss_type": ["sigmoid", "bco_pair", "sft"], "dpo_loss_weights": [0.8, 0.2, 1.0],
                  "rpo_alpha": 0.5}, PAIR_METRICS + ("nll_loss",)),
+    "wpo": ({"rl": "dpo", "dpo_use_weighting": True}, PAIR_METRICS),
     "ld-dpo+lora": ({"rl": "dpo", "ld_alpha": 0.5, "adapter": "lora", "lora_target_linear": True}, PAIR_METRICS),
     "kto": ({"rl": "kto", "kto_undesirable_weight": 1.0}, ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen",
                                                            "logps/rejected")),

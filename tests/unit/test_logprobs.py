@@ -53,3 +53,16 @@ def test_logps_model_chunked_equals_full(tiny_model_dir, tokenizer):
     for a, b in zip(g_c, g_f):
         assert torch.allclose(a, b, atol=1e-10)
     assert batch["n_tokens"].tolist() == [3, 5, 2, 1]
+
+
+def test_log_sum_sq_probs_by_hand_and_chunked():
+    from reinforge.algorithms.logprobs import token_log_sum_sq_probs
+
+    # logits (0, log 3): p = (1/4, 3/4), Σp² = 1/16 + 9/16 = 10/16
+    h = torch.tensor([[1.0]], dtype=torch.float64)
+    w = torch.tensor([[0.0], [math.log(3.0)]], dtype=torch.float64)
+    assert math.isclose(float(token_log_sum_sq_probs(h, w, None)), math.log(10 / 16), abs_tol=1e-6)
+    torch.manual_seed(0)
+    h, w = torch.randn(9, 4), torch.randn(30, 4)
+    p = torch.softmax(h @ w.T, -1)
+    assert torch.allclose(token_log_sum_sq_probs(h, w, None, chunk_size=2), (p ** 2).sum(-1).log(), atol=1e-5)

@@ -81,3 +81,20 @@ def split_to_padded(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.
     padded = values.new_zeros(S, T)
     padded = padded.masked_scatter(mask, values)
     return padded, mask
+
+
+@torch.no_grad()
+def token_log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           chunk_size: int = 1024) -> torch.Tensor:
+    """log Σ_v p_v² at each position (WPO's per-token normaliser, arXiv 2406.11827 eq. 5), chunk by chunk.
+
+    Args:
+        hidden: [N, H] final hidden states; weight: [V, H] LM head; bias: [V] or None.
+    Returns:
+        [N] float32 (no gradient): logsumexp(2·z) − 2·logsumexp(z) for the logits z of each position.
+    """
+    outs = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        z = torch.nn.functional.linear(hidden[start:start + chunk_size], weight, bias).float()
+        outs.append(torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1))
+    return torch.cat(outs) if outs else hidden.new_zeros(0)

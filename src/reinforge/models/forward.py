@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reinforge.algorithms.logprobs import chunked_token_logps, selective_logps, sequence_sums
+from reinforge.algorithms.logprobs import chunked_token_logps, selective_logps, sequence_sums, token_log_sum_sq_probs
 from reinforge.data.packing import attention_bias
 
 SEGMENT_ATTENTION = "reinforge_sdpa"
@@ -147,10 +147,11 @@ class LogpsModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True,
-                 segment_attention: bool = True):
+                 segment_attention: bool = True, log_sum_sq: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.log_sum_sq = log_sum_sq  # also return token_log_sum_sq_probs (WPO)
         inner = _unwrap_peft(model)
         softcap = getattr(inner.config, "final_logit_softcapping", None)
         self.chunked = chunked and softcap is None and hasattr(inner, inner.base_model_prefix)
@@ -222,13 +223,24 @@ class LogpsModel(nn.Module):
             head = inner.get_output_embeddings()
             selected = hidden.flatten(0, 1)[flat]
             tok = chunked_token_logps(selected, head.weight, head.bias, tgt, self.chunk_size, temperature)
+            if self.log_sum_sq:
+                sum_sq = token_log_sum_sq_probs(selected.detach(), head.weight.detach(),
+                                                None if head.bias is None else head.bias.detach(), self.chunk_size)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                 use_cache=False, **extra).logits
             if temperature != 1.0:
                 logits = logits / temperature
-            tok = selective_logps(logits.flatten(0, 1)[flat], tgt)
-        return {"token_logps": tok, "token_seq": seq, "logps": sequence_sums(tok, seq, n_tokens.shape[0])}
+            picked = logits.flatten(0, 1)[flat]
+            tok = selective_logps(picked, tgt)
+            if self.log_sum_sq:
+                with torch.no_grad():
+                    z = picked.float()
+                    sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+        out = {"token_logps": tok, "token_seq": seq, "logps": sequence_sums(tok, seq, n_tokens.shape[0])}
+        if self.log_sum_sq:
+            out["token_log_sum_sq_probs"] = sum_sq  # WPO weights (dpo_use_weighting)
+        return out
 
 
 __all__ = ["LogpsModel", "segment_layout", "SEGMENT_ATTENTION"]

@@ -90,7 +90,7 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
         data = prepare_data(cfg, tokenizer)
     policy = load_policy(cfg)
     reference = load_reference(cfg, policy) if spec.needs_reference else None
-    module = LogpsModel(policy, chunked=cfg.chunked_logprobs)
+    module = LogpsModel(policy, chunked=cfg.chunked_logprobs, log_sum_sq=bool(cfg.dpo_use_weighting))
     collate = build_collator(cfg, spec.data, tokenizer.pad_token_id)
     if cfg.precompute_ref_log_probs:
         with accelerator.main_process_first():
