@@ -12,7 +12,7 @@ Sides (each a subprocess, so peak RSS is per side):
   build_collator, LogpsModel, build_objective, build_optimizer), driven by a minimal loop (no accelerate,
   logging or checkpointing); the config defaults, i.e. packing + prefix sharing + chunked log-probs;
 - trl: `trl.DPOTrainer` with `DPOConfig` set to the same workload (bf16 and gradient checkpointing off, as
-  ours; `--trl-gradient-checkpointing` runs it with TRL's default of checkpointing on);
+  ours); trl-gc: the same with TRL's default `gradient_checkpointing=True` (less memory, more compute);
 - floor: a bare forward+backward of the policy and a no-grad forward of the reference over exactly the real
   tokens (prompt + chosen + rejected of each pair, once: one causal sequence per pair), LM head on the
   completion positions only; no optimizer step. A lower bound for any implementation of this step.
@@ -21,7 +21,8 @@ Timing: seconds per optimizer step (collation, policy forward+backward, referenc
 AdamW step); the first step is a warm-up, the table shows the median of the others. Peak RSS is the
 process's ru_maxrss (model load included). Usage:
 
-    .venv/bin/python bench/preference.py                    # full and LoRA, all three sides
+    .venv/bin/python bench/preference.py                    # full and LoRA: reinforge, trl, floor
+    .venv/bin/python bench/preference.py --sides reinforge,trl,trl-gc,floor
     .venv/bin/python bench/preference.py --adapter full --json out.json
     .venv/bin/python bench/preference.py --sides reinforge --set prefix_sharing=false   # ablation
 """
@@ -262,7 +263,7 @@ def run_floor(adapter: str, steps: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def _child(side: str, adapter: str, steps: int, overrides: dict, trl_gc: bool, threads: int | None) -> None:
+def _child(side: str, adapter: str, steps: int, overrides: dict, threads: int | None) -> None:
     import torch
 
     if threads:
@@ -270,8 +271,8 @@ def _child(side: str, adapter: str, steps: int, overrides: dict, trl_gc: bool, t
     load0 = _load()
     if side == "reinforge":
         result = run_reinforge(adapter, steps, overrides)
-    elif side == "trl":
-        result = run_trl(adapter, steps, trl_gc)
+    elif side in ("trl", "trl-gc"):
+        result = run_trl(adapter, steps, gradient_checkpointing=side == "trl-gc")
     else:
         result = run_floor(adapter, steps)
     result.update(side=side, adapter=adapter, peak_rss_mb=_peak_rss_mb(), load_before=load0, load_after=_load(),
@@ -284,8 +285,6 @@ def _spawn(side: str, adapter: str, args: argparse.Namespace) -> dict:
            str(args.steps)]
     for item in args.set:
         cmd += ["--set", item]
-    if args.trl_gradient_checkpointing:
-        cmd.append("--trl-gradient-checkpointing")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1"}
@@ -294,10 +293,15 @@ def _spawn(side: str, adapter: str, args: argparse.Namespace) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side}/{adapter} failed (exit {proc.returncode})")
+        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
+        why = "killed by SIGKILL (out of memory?)" if proc.returncode == -9 else f"exit {proc.returncode}"
+        print(f"[bench] {side} / {adapter} FAILED: {why}", file=sys.stderr, flush=True)
+        return {"side": side, "adapter": adapter, "failed": why, "wall_s": time.perf_counter() - t0}
     result = json.loads(lines[-1][len("RESULT "):])
     result["wall_s"] = time.perf_counter() - t0
+    print(f"[bench] {side} / {adapter}: {_median(result['times']):.2f} s/step (median), steps "
+          f"{[round(t, 1) for t in result['times']]}, peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr,
+          flush=True)
     return result
 
 
@@ -311,10 +315,13 @@ def table(results: dict[str, dict[str, dict]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     notes = []
     for adapter, sides in results.items():
-        trl = sides.get("trl")
-        for side in ("reinforge", "trl", "floor"):
+        trl = sides.get("trl") if "failed" not in sides.get("trl", {}) else None
+        for side in ("reinforge", "trl", "trl-gc", "floor"):
             r = sides.get(side)
             if r is None:
+                continue
+            if "failed" in r:
+                lines.append(f"| W-DPO {adapter} | {side} | failed: {r['failed']} | | | | | |")
                 continue
             med = _median(r["times"])
             rest = r["times"][1:] or r["times"]
@@ -326,8 +333,16 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             lines.append(f"| W-DPO {adapter} | {side} | {med:.2f} | {min(rest):.2f}–{max(rest):.2f} | "
                          f"{BATCH / med:.3f} | {r['peak_rss_mb']:.0f} | {ratio} | {loss} |")
         ours, floor = sides.get("reinforge"), sides.get("floor")
+        ours = None if ours is None or "failed" in ours else ours
+        floor = None if floor is None or "failed" in floor else floor
         if ours and floor:
             notes.append(f"{adapter}: reinforge step = {_median(ours['times']) / _median(floor['times']):.2f}× the floor")
+        gc = sides.get("trl-gc")
+        if ours and gc and "failed" not in gc:
+            notes.append(f"{adapter}: vs TRL with gradient checkpointing: "
+                         f"{_median(gc['times']) / _median(ours['times']):.2f}× pairs/s, "
+                         f"{ours['peak_rss_mb'] / gc['peak_rss_mb']:.2f}× RSS")
+        trl = trl or (gc if gc and "failed" not in gc else None)
         if ours and trl:
             n = min(len(ours["losses"]), len(trl["losses"]))
             diffs = [abs(a - b) for a, b in zip(ours["losses"][:n], trl["losses"][:n])]
@@ -356,12 +371,11 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", choices=["full", "lora", "both"], default="both")
-    parser.add_argument("--sides", default="reinforge,trl,floor", help="comma-separated subset of reinforge,trl,floor")
+    parser.add_argument("--sides", default="reinforge,trl,floor",
+                        help="comma-separated, in order, from reinforge, trl, trl-gc, floor")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="reinforge config override (YAML value), e.g. prefix_sharing=false")
-    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
-                        help="run TRL with its default gradient_checkpointing=True")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's)")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -371,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     adapters = ["full", "lora"] if args.adapter == "both" else [args.adapter]
     if args.child:
-        _child(args.child, adapters[0], args.steps, overrides, args.trl_gradient_checkpointing, args.threads)
+        _child(args.child, adapters[0], args.steps, overrides, args.threads)
         return
     if not (MODEL_DIR / "config.json").exists():
         raise SystemExit(f"{MODEL_DIR} missing: run `make model`")
@@ -379,10 +393,12 @@ def main(argv: list[str] | None = None) -> None:
     for adapter in adapters:
         for side in args.sides.split(","):
             results.setdefault(adapter, {})[side] = _spawn(side, adapter, args)
+            if args.json:  # after every side, so that a later failure loses nothing
+                Path(args.json).write_text(json.dumps({"overrides": overrides, "results": results}, indent=1))
     print(f"Machine: {machine()}")
-    print(f"Load average before/after each side: " + "; ".join(
+    print("Load average before/after each side: " + "; ".join(
         f"{a}/{s}: {r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" for a, sides in results.items()
-        for s, r in sides.items()))
+        for s, r in sides.items() if "load_before" in r))
     if overrides:
         print(f"reinforge overrides: {overrides}")
     print(table(results))

@@ -218,3 +218,53 @@ def test_token_logps_come_sequence_by_sequence(paired_rows):
     seq = out["token_seq"]
     assert bool((seq[1:] >= seq[:-1]).all())
     assert torch.bincount(seq, minlength=8).tolist() == batch["n_tokens"].tolist()
+
+
+def test_log_sum_sq_probs_for_wpo(paired_rows, float64_norm):
+    """`token_log_sum_sq_probs` = log Σ_v p_v² (by hand from the logits), the same for every layout and path,
+    without gradient; the WPO objective's loss and gradients do not depend on the layout either. (LogpsModel
+    computes log Σ p² in float32, hence the 1e-5 and 1e-6 tolerances.)"""
+    policy, reference = _load(0), _load(1)
+    padded = _collator("paired", "padded")(paired_rows)
+    full = LogpsModel(policy, chunked=False, segment_attention=False, log_sum_sq=True)(**padded)
+    with torch.no_grad():
+        logits = policy(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    probs = logits[padded["targets"] != -100].softmax(-1)
+    assert torch.allclose(full["token_log_sum_sq_probs"], probs.pow(2).sum(-1).log(), atol=1e-5, rtol=0)
+    assert not full["token_log_sum_sq_probs"].requires_grad
+    objective = DPOObjective(beta=0.1, use_weighting=True)
+
+    def wpo(batch, chunked):
+        module = LogpsModel(policy, chunk_size=7, chunked=chunked, log_sum_sq=True)
+        out = module(**batch)
+        with torch.no_grad():
+            ref = LogpsModel(reference)(**batch)["logps"]
+        loss, _ = objective(out, ref, batch)
+        return out["token_log_sum_sq_probs"], loss, torch.autograd.grad(loss, list(policy.parameters()))
+
+    lssp0, loss0, grads0 = wpo(padded, False)
+    assert torch.equal(lssp0, full["token_log_sum_sq_probs"])
+    lssp, loss, grads = wpo(_collator("paired", "packed-shared-one-row")(paired_rows), True)
+    assert torch.allclose(lssp, lssp0, atol=1e-5, rtol=0) and torch.allclose(loss, loss0, atol=1e-6, rtol=0)
+    for g, g0 in zip(grads, grads0):
+        assert torch.allclose(g, g0, atol=1e-6, rtol=0)
+
+
+def test_reference_forward_keeps_no_activations(paired_rows):
+    """The reference runs under no_grad (`models.loading.Reference`), both as a frozen copy and as the
+    adapter-disabled policy: its outputs carry no graph."""
+    from peft import LoraConfig, get_peft_model
+
+    from reinforge.models.loading import Reference
+
+    batch = _collator("paired", "packed-shared-one-row")(paired_rows)
+    frozen = Reference(model=LogpsModel(_load(1)))
+    with frozen.active(None) as module:
+        out = module(**batch)
+    assert out["logps"].grad_fn is None and not out["logps"].requires_grad
+    peft_model = get_peft_model(_load(0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    policy = LogpsModel(peft_model)
+    with Reference(policy=peft_model).active(policy) as module:
+        out = module(**batch)
+    assert out["logps"].grad_fn is None
+    assert policy(**batch)["logps"].grad_fn is not None  # the policy itself does build a graph

@@ -239,7 +239,7 @@ class LogpsModel(nn.Module):
                     sum_sq = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
         out = {"token_logps": tok, "token_seq": seq, "logps": sequence_sums(tok, seq, n_tokens.shape[0])}
         if self.log_sum_sq:
-            out["token_log_sum_sq_probs"] = sum_sq  # WPO weights (dpo_use_weighting)
+            out["token_log_sum_sq_probs"] = sum_sq.to(tok.dtype)  # WPO weights (dpo_use_weighting)
         return out
 
 
