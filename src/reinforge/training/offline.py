@@ -22,15 +22,14 @@ from tqdm.auto import tqdm
 from reinforge.algorithms.registry import method
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.data.packing import build_collator
-from reinforge.data.prepare import prepare_data
 from reinforge.models.forward import LogpsModel
-from reinforge.models.loading import load_policy, load_reference, load_tokenizer
+from reinforge.models.loading import load_reference
 from reinforge.training.distributed import BatchPlan, BatchStream, loss_for_backward, prepare_frozen_model
 from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.objectives import build_objective
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
-from reinforge.training.setup import make_accelerator, prepare_output_dir, resolve_resume
+from reinforge.training.setup import start_run
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +80,7 @@ def evaluate(module, reference, objective, loader, accelerator=None) -> dict[str
 def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     """Train `cfg.rl` (an offline method) end to end; returns the run summary."""
     spec = method(cfg.rl)
-    resume = resolve_resume(cfg)
-    accelerator = make_accelerator(cfg)
-    out_dir = prepare_output_dir(cfg, accelerator, resuming=resume is not None)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    with accelerator.main_process_first():
-        data = prepare_data(cfg, tokenizer)
-    policy = load_policy(cfg)
+    resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
     reference = load_reference(cfg, policy) if spec.needs_reference else None
     module = LogpsModel(policy, chunked=cfg.chunked_logprobs, log_sum_sq=bool(cfg.dpo_use_weighting))
     collate = build_collator(cfg, spec.data, tokenizer.pad_token_id)

@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 from reinforge.algorithms.aggregation import aggregate_loss
 from reinforge.algorithms.policy_gradient import clip_ratio_metrics, grpo_per_token_loss, masked_mean
 from reinforge.config.schema import ReinforgeConfig
-from reinforge.data.prepare import prepare_data
 from reinforge.generation.base import SamplingParams
 from reinforge.models.forward import LogpsModel
-from reinforge.models.loading import load_policy, load_reference, load_tokenizer
+from reinforge.models.loading import load_reference
 from reinforge.rewards import RewardPool, load_reward_funcs, score
 from reinforge.training.distributed import (BatchPlan, launched_world_size, loss_for_backward,
                                             prepare_frozen_model)
@@ -34,7 +33,7 @@ from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
 from reinforge.training.rollout import RolloutBatch, RolloutMaker, RolloutStream, per_token
-from reinforge.training.setup import RunError, make_accelerator, prepare_output_dir, resolve_resume
+from reinforge.training.setup import RunError, start_run
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,7 @@ def _prompts_per_process(cfg: ReinforgeConfig, world_size: int) -> int:
 def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     """Train GRPO/GDPO end to end; returns the run summary."""
     t = cfg.trl
-    resume = resolve_resume(cfg)
-    accelerator = make_accelerator(cfg)
-    out_dir = prepare_output_dir(cfg, accelerator, resuming=resume is not None)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    with accelerator.main_process_first():
-        data = prepare_data(cfg, tokenizer)
-    policy = load_policy(cfg)
+    resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
     beta = t.beta or 0.0
     reference = load_reference(cfg, policy) if beta > 0 else None
     module = LogpsModel(policy)

@@ -132,3 +132,24 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def start_run(cfg: ReinforgeConfig):
+    """What every loop does first: the resume point, the accelerator, the output directory, the seed,
+    the tokenizer, the prepared data (main process first, others read its cache) and the policy.
+
+    Returns: (resume, accelerator, out_dir, tokenizer, data, policy).
+    """
+    import torch
+
+    from reinforge.data.prepare import prepare_data
+    from reinforge.models.loading import load_policy, load_tokenizer
+
+    resume = resolve_resume(cfg)
+    accelerator = make_accelerator(cfg)
+    out_dir = prepare_output_dir(cfg, accelerator, resuming=resume is not None)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    with accelerator.main_process_first():
+        data = prepare_data(cfg, tokenizer)
+    return resume, accelerator, out_dir, tokenizer, data, load_policy(cfg)
