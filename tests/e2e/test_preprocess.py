@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reinforge.cli import main
 
@@ -16,6 +17,9 @@ TOKENIZER = ROOT / "tests" / "assets" / "smollm2-tokenizer"
 @pytest.fixture
 def in_repo(monkeypatch):
     monkeypatch.chdir(ROOT)
+
+
+DEMO_VAL = int(yaml.safe_load((ROOT / "examples" / "dpo-smollm2.yaml").read_text())["val_set_size"])
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -33,7 +37,7 @@ def test_dpo_demo_twice_second_from_cache(in_repo, tmp_path, capsys):
     assert "300 rows → 300 records" in first
     m = re.search(r"total: 300 rows in, (\d+) kept \((\d+) truncated, (\d+) dropped\) → (\d+) train, (\d+) eval", first)
     kept, truncated, dropped, n_train, n_eval = map(int, m.groups())
-    assert kept + dropped == 300 and n_train + n_eval == kept and n_eval == 32
+    assert kept + dropped == 300 and n_train + n_eval == kept and n_eval == DEMO_VAL
     assert re.search(r"^\s+prompt\s+\d+\s+\d+", first, re.M) and "p95" in first
     assert first.count("── example") == 2 and "⟦" in first and "⟧" in first
     # the prompt ends with the generation prompt; each response is trained from its first token

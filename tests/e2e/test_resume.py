@@ -78,6 +78,7 @@ def test_dpo_crash_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, m
             return objective(policy, ref, batch)
 
         call.needs_reference = objective.needs_reference
+        call.state_dict, call.load_state_dict = objective.state_dict, objective.load_state_dict  # checkpointed state
         return call
 
     monkeypatch.setattr(offline, "build_objective", crashing_objective)
@@ -169,6 +170,7 @@ def test_nonfinite_step_is_skipped_then_persistent_ones_stop_the_run(tmp_path, t
             return (loss * float("nan") if calls["n"] in bad_calls else loss), metrics
 
         call.needs_reference = objective.needs_reference
+        call.state_dict, call.load_state_dict = objective.state_dict, objective.load_state_dict  # checkpointed state
         return call
 
     monkeypatch.setattr(offline, "build_objective", nan_objective)
