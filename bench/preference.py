@@ -116,10 +116,10 @@ def run_reinforge(adapter: str, steps: int, overrides: dict) -> dict:
     objective = build_objective(cfg)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
-    times, losses, layout = [], [], []
+    times, cpu, losses, layout = [], [], [], []
     for step in range(steps):
         rows = data.train[step * BATCH:(step + 1) * BATCH]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = collate(rows)
         out = module(**batch)
         with reference.active(module) as ref_module:
@@ -130,11 +130,12 @@ def run_reinforge(adapter: str, steps: int, overrides: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        cpu.append(time.process_time() - c0)
+        losses.append(float(loss.detach()))
         layout.append([list(batch["input_ids"].shape), int(batch["attention_mask"].sum())])
     ids = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in data.train[:steps * BATCH]]
-    return {"times": times, "losses": losses, "rows_x_len_and_tokens": layout, "ids_digest": _ids_digest(ids),
-            "attn": module.attn_implementation,
+    return {"times": times, "cpu_times": cpu, "losses": losses, "rows_x_len_and_tokens": layout,
+            "ids_digest": _ids_digest(ids), "attn": module.attn_implementation,
             "settings": {k: getattr(cfg, k) for k in ("sample_packing_value", "prefix_sharing_value",
                                                       "packing_length_value", "chunked_logprobs")}}
 
@@ -157,14 +158,15 @@ def run_trl(adapter: str, steps: int, gradient_checkpointing: bool) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    times, losses, shapes = [], [], []
+    times, cpu, losses, shapes = [], [], [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
     class Trainer(DPOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -197,8 +199,8 @@ def run_trl(adapter: str, steps: int, gradient_checkpointing: bool) -> dict:
     ids = [(ds[i]["prompt_ids"], ds[i]["chosen_ids"], ds[i]["rejected_ids"]) for i in range(min(len(ds), steps * BATCH))]
     trainer.train()
     del torch
-    return {"times": times, "losses": losses, "rows_x_len_and_tokens": shapes, "ids_digest": _ids_digest(ids),
-            "gradient_checkpointing": gradient_checkpointing}
+    return {"times": times, "cpu_times": cpu, "losses": losses, "rows_x_len_and_tokens": shapes,
+            "ids_digest": _ids_digest(ids), "gradient_checkpointing": gradient_checkpointing}
 
 
 # ------------------------------------------------------------------------------------------------ floor
@@ -242,12 +244,12 @@ def run_floor(adapter: str, steps: int) -> dict:
         logits = F.linear(hidden[scored], head.weight)
         return logits.log_softmax(-1).gather(-1, batch["targets"][scored].unsqueeze(-1)).sum()
 
-    times, tokens = [], []
+    times, cpu, tokens = [], [], []
     for step in range(steps):
         rows = data.train[step * BATCH:(step + 1) * BATCH]
         seqs = [(r["prompt_ids"] + r["chosen_ids"] + r["rejected_ids"], len(r["prompt_ids"])) for r in rows]
         batch = pack_sequences(seqs, tokenizer.pad_token_id, capacity=UNLIMITED)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         completion_logps(module, batch).backward()
         with torch.no_grad():
             if frozen is None:
@@ -256,9 +258,10 @@ def run_floor(adapter: str, steps: int) -> dict:
             else:
                 completion_logps(ref_module, batch)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         policy.zero_grad(set_to_none=True)
         tokens.append(int(batch["attention_mask"].sum()))
-    return {"times": times, "real_tokens": tokens}
+    return {"times": times, "cpu_times": cpu, "real_tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -311,8 +314,8 @@ def _median(times: list[float]) -> float:
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     """Markdown table of the results: {adapter: {side: result}}."""
-    lines = ["| workload | side | s/step (median) | min–max | pairs/s | peak RSS (MB) | reinforge/TRL | step-1 loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | side | s/step (median) | min–max | CPU s/step | pairs/s | peak RSS (MB) | reinforge/TRL | "
+             "step-1 loss |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for adapter, sides in results.items():
         trl = sides.get("trl") if "failed" not in sides.get("trl", {}) else None
@@ -321,7 +324,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             if r is None:
                 continue
             if "failed" in r:
-                lines.append(f"| W-DPO {adapter} | {side} | failed: {r['failed']} | | | | | |")
+                lines.append(f"| W-DPO {adapter} | {side} | failed: {r['failed']} | | | | | | |")
                 continue
             med = _median(r["times"])
             rest = r["times"][1:] or r["times"]
@@ -330,7 +333,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 ratio = (f"{(BATCH / med) / (BATCH / _median(trl['times'])):.2f}× pairs/s, "
                          f"{r['peak_rss_mb'] / trl['peak_rss_mb']:.2f}× RSS")
             loss = f"{r['losses'][0]:.6f}" if r.get("losses") else "—"
-            lines.append(f"| W-DPO {adapter} | {side} | {med:.2f} | {min(rest):.2f}–{max(rest):.2f} | "
+            cpu = f"{_median(r['cpu_times']):.1f}" if r.get("cpu_times") else "—"
+            lines.append(f"| W-DPO {adapter} | {side} | {med:.2f} | {min(rest):.2f}–{max(rest):.2f} | {cpu} | "
                          f"{BATCH / med:.3f} | {r['peak_rss_mb']:.0f} | {ratio} | {loss} |")
         ours, floor = sides.get("reinforge"), sides.get("floor")
         ours = None if ours is None or "failed" in ours else ours
@@ -378,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="reinforge config override (YAML value), e.g. prefix_sharing=false")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's)")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
+    parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                        help="only print the table of saved --json files (later files override earlier ones)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import yaml
@@ -386,6 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     adapters = ["full", "lora"] if args.adapter == "both" else [args.adapter]
     if args.child:
         _child(args.child, adapters[0], args.steps, overrides, args.threads)
+        return
+    if args.render:
+        merged: dict[str, dict[str, dict]] = {}
+        for path in args.render:
+            for adapter, sides in json.loads(Path(path).read_text())["results"].items():
+                merged.setdefault(adapter, {}).update(sides)
+        print(table(merged))
         return
     if not (MODEL_DIR / "config.json").exists():
         raise SystemExit(f"{MODEL_DIR} missing: run `make model`")
