@@ -56,7 +56,10 @@ def _rows() -> list[dict]:
 
 
 def _ids_digest(rows: list[tuple[list[int], list[int], list[int]]]) -> str:
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    """Digest of the sequences actually trained on: (prompt + chosen)[:1024], (prompt + rejected)[:1024] and
+    the prompt length. (reinforge truncates at tokenisation, TRL in its collator: same sequences.)"""
+    seqs = [((p + c)[:SEQ_LEN], (p + r)[:SEQ_LEN], len(p)) for p, c, r in rows]
+    return hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16]
 
 
 def _peak_rss_mb() -> float:

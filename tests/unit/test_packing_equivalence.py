@@ -268,3 +268,15 @@ def test_reference_forward_keeps_no_activations(paired_rows):
         out = module(**batch)
     assert out["logps"].grad_fn is None
     assert policy(**batch)["logps"].grad_fn is not None  # the policy itself does build a graph
+
+
+def test_gradient_checkpointing_packed_and_shared(paired_rows, float64_norm):
+    """With gradient checkpointing the decoder layers are recomputed in backward: the layout kwargs must reach
+    the recomputation too (they do: they are arguments of the checkpointed call)."""
+    policy, reference = _load(0), _load(1)
+    objective = DPOObjective(beta=0.1)
+    want = _step(policy, reference, objective, _collator("paired", "padded")(paired_rows), False, False)
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    got = _step(policy, reference, objective, _collator("paired", "packed-shared-one-row")(paired_rows), True, True)
+    _assert_same(got, want, atol=1e-9)
