@@ -246,6 +246,26 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert run.skipped_nonfinite_steps == 3
 
 
+def test_optimizer_step_takes_or_skips_and_always_zeroes_gradients(tmp_path):
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    cfg = cfg_of(output_dir=str(tmp_path), max_grad_norm=1.0)
+    acc = types.SimpleNamespace(device="cpu", is_main_process=True, process_index=0, num_processes=1,
+                                clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+    run = RunControl(cfg, acc, tmp_path, module=None, tokenizer=None, optimizer=opt, scheduler=sched, data_layout={},
+                     describe=str)
+    w.grad = torch.tensor([3.0, 4.0])  # norm 5 → clipped to (0.6, 0.8); SGD at lr 0.5
+    norm = run.optimizer_step(1, [torch.tensor(0.7)], [w], [0])
+    assert float(norm) == pytest.approx(5.0) and w.grad is None
+    assert w.detach().tolist() == pytest.approx([1.0 - 0.3, 2.0 - 0.4])
+    assert sched.get_last_lr() == [0.25]  # the scheduler stepped once
+    w.grad = torch.tensor([1.0, 1.0])
+    assert run.optimizer_step(2, [torch.tensor(float("nan"))], [w], [1]) is None  # skipped: no update, no lr step
+    assert w.detach().tolist() == pytest.approx([0.7, 1.6]) and w.grad is None and sched.get_last_lr() == [0.25]
+    assert run.skipped_nonfinite_steps == 1
+
+
 def test_resume_command_and_config_differences(monkeypatch):
     monkeypatch.setattr("sys.argv", ["reinforge", "train", "c.yaml", "lr=1", "resume_from_checkpoint=x"])
     assert resume_command(1) == "reinforge train c.yaml lr=1 resume_from_checkpoint=true"

@@ -11,7 +11,7 @@ import pytest
 from reinforge.config.schema import DatasetConfig
 from reinforge.data.errors import RowError
 from reinforge.data.formats import resolve
-from reinforge.data.formats.strategies.reinforge_gsm8k import SYSTEM_PROMPT, final_number
+from reinforge.data.formats.strategies.reinforge_gsm8k import EXAMPLE, SYSTEM_PROMPT, final_number
 from reinforge.data.tokenize import TokenizeStats, tokenize_records
 
 GSM8K = Path(__file__).resolve().parents[2] / "examples" / "data" / "gsm8k" / "train.jsonl"
@@ -23,13 +23,16 @@ def test_gsm8k_builtin(tokenizer):
     ds = DatasetConfig(path=str(GSM8K), type="reinforge_gsm8k.transform")
     fmt = resolve(ds, "prompt", tokenizer=tokenizer)
     rec = fmt.fn(row, ds)
-    assert rec == {"prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["question"]}],
+    shot = [{"role": "user", "content": EXAMPLE["question"]}, {"role": "assistant", "content": EXAMPLE["answer"]}]
+    assert rec == {"prompt": [{"role": "system", "content": SYSTEM_PROMPT}, *shot, {"role": "user", "content": row["question"]}],
                    "answer": row["answer"]}
     assert "step by step" in SYSTEM_PROMPT and "#### <number>" in SYSTEM_PROMPT
-    assert final_number(rec["answer"]) == "72"
+    assert final_number(rec["answer"]) == "72" and final_number(EXAMPLE["answer"]) == "16"
+    assert all(EXAMPLE["question"] != json.loads(line)["question"] for line in GSM8K.read_text().splitlines())
     out = tokenize_records([rec], "prompt", tokenizer, 512, "truncate", "keep_end", TokenizeStats())[0]
-    assert tokenizer.decode(out["prompt_ids"]) == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-                                                   f"{row['question']}<|im_end|>\n" + SMOL_GEN)
+    assert tokenizer.decode(out["prompt_ids"]) == (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{EXAMPLE['question']}<|im_end|>\n"
+        f"<|im_start|>assistant\n{EXAMPLE['answer']}<|im_end|>\n<|im_start|>user\n{row['question']}<|im_end|>\n" + SMOL_GEN)
     assert fmt.source.endswith("reinforge_gsm8k.py")
 
 

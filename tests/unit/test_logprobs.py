@@ -66,3 +66,48 @@ def test_log_sum_sq_probs_by_hand_and_chunked():
     h, w = torch.randn(9, 4), torch.randn(30, 4)
     p = torch.softmax(h @ w.T, -1)
     assert torch.allclose(token_log_sum_sq_probs(h, w, None, chunk_size=2), (p ** 2).sum(-1).log(), atol=1e-5)
+
+
+def test_entropy_by_hand_chunked_and_against_trl():
+    from trl.trainer.utils import entropy_from_logits as trl_entropy
+
+    from reinforge.algorithms.logprobs import entropy_from_logits
+
+    # p = (1/4, 3/4): H = −(¼ log ¼ + ¾ log ¾) = 0.5623351446188083 nats; uniform over 5: log 5
+    logits = torch.tensor([[0.0, math.log(3.0)], [1.0, 1.0]], dtype=torch.float64)
+    want = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert math.isclose(float(entropy_from_logits(logits)[0]), want, abs_tol=1e-12)
+    assert math.isclose(float(entropy_from_logits(logits)[1]), math.log(2), abs_tol=1e-12)
+    assert math.isclose(float(entropy_from_logits(torch.zeros(1, 5, dtype=torch.float64))), math.log(5), abs_tol=1e-12)
+    torch.manual_seed(0)
+    N, H, V = 23, 6, 40
+    h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    logps, ent = chunked_token_logps(h, w, None, t, chunk_size=4, temperature=0.7, with_entropy=True)
+    scaled = (h @ w.T).detach() / 0.7
+    assert torch.allclose(ent, trl_entropy(scaled), atol=1e-10)
+    assert torch.allclose(logps, selective_logps(scaled, t), atol=1e-10)
+    assert ent.grad_fn is None and logps.grad_fn is not None
+    logps.sum().backward()  # the entropy output does not disturb the checkpointed backward
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def test_logps_model_entropy_chunked_equals_full(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from reinforge.algorithms.logprobs import entropy_from_logits
+    from reinforge.data.collate import PairedCollator
+    from reinforge.models.forward import LogpsModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    rows = [{"prompt_ids": [1, 2, 3, 4], "chosen_ids": [5, 6, 7], "rejected_ids": [8, 9]}]
+    batch = PairedCollator(tokenizer.pad_token_id)(rows)
+    out_c = LogpsModel(model, chunk_size=2)(**batch, temperature=0.9, with_entropy=True)
+    out_f = LogpsModel(model, chunked=False)(**batch, temperature=0.9, with_entropy=True)
+    assert torch.allclose(out_c["token_entropy"], out_f["token_entropy"], atol=1e-10)
+    with torch.no_grad():  # by hand from the model's own logits at the scored positions
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / 0.9
+    want = entropy_from_logits(logits[batch["targets"] != -100])
+    assert torch.allclose(out_f["token_entropy"], want, atol=1e-10)
+    assert "token_entropy" not in LogpsModel(model)(**batch)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from reinforge.algorithms.aggregation import aggregate_loss
+from reinforge.algorithms.logprobs import entropy_from_logits
 from reinforge.algorithms.policy_gradient import (
     clip_ratio_metrics,
     clipped_surrogate_loss,
-    entropy_from_logits,
     grpo_per_token_loss,
     k3_kl,
     log_importance_weights,

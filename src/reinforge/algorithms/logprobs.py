@@ -10,6 +10,7 @@ O(chunk_size × vocab) instead of O(tokens × vocab), with identical values and 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -27,16 +28,40 @@ def selective_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits) along the last dimension, in row chunks.
+
+    Args:
+        logits: [..., V]; computed in float32 when half precision (float64 stays float64).
+        chunk_size: rows of the flattened [N, V] logits per chunk (peak extra memory ≈ chunk × V).
+    Returns:
+        [...] entropies, no gradient (a metric; TRL logs its masked mean as `entropy`).
+    """
+    shape = logits.shape[:-1]
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    out = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logp = F.log_softmax(chunk, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    if not out:
+        return flat.new_zeros(shape)
+    return torch.cat(out).reshape(shape)
+
+
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor, temperature: float) -> torch.Tensor:
+                 targets: torch.Tensor, temperature: float, with_entropy: bool = False):
     logits = torch.nn.functional.linear(hidden, weight, bias)
     if temperature != 1.0:
         logits = logits / temperature
-    return selective_logps(logits, targets)
+    logps = selective_logps(logits, targets)
+    return (logps, entropy_from_logits(logits)) if with_entropy else logps
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        targets: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                        targets: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0,
+                        with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of `targets` under an LM head applied to `hidden`, chunk by chunk.
 
     Args:
@@ -45,19 +70,25 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         targets: [N] long next-token ids.
         chunk_size: positions per chunk (peak extra memory ≈ chunk_size × V floats).
         temperature: logits are divided by it (sampling temperature of online RL).
+        with_entropy: also return the entropy of each position's (temperature-scaled) distribution, from
+            the same logits (no extra LM-head pass; no gradient).
     Returns:
-        [N] log-probabilities; gradients flow to hidden, weight and bias.
+        [N] log-probabilities (gradients flow to hidden, weight and bias), or with `with_entropy`
+        (log-probabilities [N], entropies [N]).
     """
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0)
+        empty = hidden.new_zeros(0)
+        return (empty, empty.detach()) if with_entropy else empty
     outs = []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if needs_grad:
-            outs.append(checkpoint(_chunk_logps, h, weight, bias, t, temperature, use_reentrant=False))
+            outs.append(checkpoint(_chunk_logps, h, weight, bias, t, temperature, with_entropy, use_reentrant=False))
         else:
-            outs.append(_chunk_logps(h, weight, bias, t, temperature))
+            outs.append(_chunk_logps(h, weight, bias, t, temperature, with_entropy))
+    if with_entropy:
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
     return torch.cat(outs)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 ImportanceSamplingLevel = Literal["token", "sequence"]
 
@@ -190,28 +189,6 @@ def clip_ratio_metrics(ratio: torch.Tensor, advantages: torch.Tensor, mask: torc
         "clip_ratio/high_max": _nan_reduce(_masked_seq_mean(high, mask), torch.max),
         "clip_ratio/region_mean": masked_mean(region, mask),
     }
-
-
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
-    """Shannon entropy (nats) of softmax(logits) along the last dimension, in row chunks.
-
-    Args:
-        logits: [..., V]; computed in float32 when half precision (float64 stays float64).
-        chunk_size: rows of the flattened [N, V] logits per chunk (peak extra memory ≈ chunk × V).
-    Returns:
-        [...] entropies, no gradient (a metric; TRL logs its masked mean as `entropy`).
-    """
-    shape = logits.shape[:-1]
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    out = []
-    for chunk in flat.split(chunk_size, dim=0):
-        logp = F.log_softmax(chunk, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    if not out:
-        return flat.new_zeros(shape)
-    return torch.cat(out).reshape(shape)
 
 
 def _as_column(advantages: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reinforge.algorithms.logprobs import chunked_token_logps, selective_logps, sequence_sums, token_log_sum_sq_probs
+from reinforge.algorithms.logprobs import (chunked_token_logps, entropy_from_logits, selective_logps, sequence_sums,
+                                           token_log_sum_sq_probs)
 from reinforge.data.packing import attention_bias
 
 SEGMENT_ATTENTION = "reinforge_sdpa"
@@ -197,7 +198,7 @@ class LogpsModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 targets: torch.Tensor, seq_index: torch.Tensor, n_tokens: torch.Tensor, temperature: float = 1.0,
                 segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
-                **_: object) -> dict[str, torch.Tensor]:
+                with_entropy: bool = False, **_: object) -> dict[str, torch.Tensor]:
         """Args: the batch tensors of `reinforge.data.collate` ([R, L] each; `n_tokens` [S] gives S), and for
         packed/prefix-shared batches `segment_ids`/`branch_ids` [R, L] (`reinforge.data.packing`).
 
@@ -206,7 +207,9 @@ class LogpsModel(nn.Module):
                 sequence's tokens in order — for one-row-per-sequence batches this is the row-major order
                 of `targets != -100`;
             token_seq [N]: the sequence of each scored token (non-decreasing);
-            logps [S]: per-sequence sums.
+            logps [S]: per-sequence sums;
+            token_entropy [N] (with `with_entropy`): entropy in nats of the (temperature-scaled) next-token
+                distribution at each scored position, no gradient (TRL's `entropy` metric).
         """
         flat = (targets != -100).flatten().nonzero().squeeze(1)
         seq = seq_index.flatten()[flat]
@@ -222,7 +225,10 @@ class LogpsModel(nn.Module):
                              use_cache=False, **extra).last_hidden_state
             head = inner.get_output_embeddings()
             selected = hidden.flatten(0, 1)[flat]
-            tok = chunked_token_logps(selected, head.weight, head.bias, tgt, self.chunk_size, temperature)
+            tok = chunked_token_logps(selected, head.weight, head.bias, tgt, self.chunk_size, temperature,
+                                      with_entropy=with_entropy)
+            if with_entropy:
+                tok, entropy = tok
             if self.log_sum_sq:
                 sum_sq = token_log_sum_sq_probs(selected.detach(), head.weight.detach(),
                                                 None if head.bias is None else head.bias.detach(), self.chunk_size)
@@ -233,6 +239,8 @@ class LogpsModel(nn.Module):
                 logits = logits / temperature
             picked = logits.flatten(0, 1)[flat]
             tok = selective_logps(picked, tgt)
+            if with_entropy:
+                entropy = entropy_from_logits(picked)
             if self.log_sum_sq:
                 with torch.no_grad():
                     z = picked.float()
@@ -240,6 +248,8 @@ class LogpsModel(nn.Module):
         out = {"token_logps": tok, "token_seq": seq, "logps": sequence_sums(tok, seq, n_tokens.shape[0])}
         if self.log_sum_sq:
             out["token_log_sum_sq_probs"] = sum_sq.to(tok.dtype)  # WPO weights (dpo_use_weighting)
+        if with_entropy:
+            out["token_entropy"] = entropy.to(tok.dtype)
         return out
 
 

@@ -133,13 +133,9 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
                 losses.append(loss.detach())
                 rows += batch_rows
                 tokens += int(batch["attention_mask"].sum())
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            if run.step_ok(step, losses, grad_norm, rows):
-                optimizer.step()
-                scheduler.step()
+            if (grad_norm := run.optimizer_step(step, losses, params, rows)) is not None:
                 step_acc.add({"grad_norm": grad_norm})
                 acc.merge(step_acc)
-            optimizer.zero_grad(set_to_none=True)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
                 metrics = acc.means(accelerator)

@@ -118,7 +118,8 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                 n_items = rollout.loss_tokens * cfg.gradient_accumulation_steps / micro_per_rollout
                 sync = micro == cfg.gradient_accumulation_steps - 1
                 with accelerator.no_sync(module) if not sync else nullcontext(), accelerator.autocast():
-                    logps = per_token(module(**mb.batch, temperature=t.temperature), mb.batch["n_tokens"])
+                    out = module(**mb.batch, temperature=t.temperature, with_entropy=True)
+                    logps, entropy = per_token(out, mb.batch["n_tokens"]), per_token(out, mb.batch["n_tokens"], "token_entropy")
                     terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=t.epsilon, epsilon_high=eps_high,
                                                 old_per_token_logps=mb.old_logps, importance_sampling_level=t.importance_sampling_level,
                                                 beta=beta, ref_per_token_logps=mb.ref_logps)
@@ -126,17 +127,13 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                                           num_items_in_batch=n_items, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
                     accelerator.backward(loss_for_backward(loss, accelerator, cfg.gradient_accumulation_steps))
                 losses.append(loss.detach())
-                step_acc.add({"loss": loss.detach() * cfg.gradient_accumulation_steps})
+                step_acc.add({"loss": loss.detach() * cfg.gradient_accumulation_steps, "entropy": masked_mean(entropy, mb.mask)})
                 step_acc.add(clip_ratio_metrics(terms.ratio, mb.advantages, mb.mask, t.epsilon, eps_high))
                 if terms.per_token_kl is not None:
                     step_acc.add({"kl": masked_mean(terms.per_token_kl, mb.mask)})
-            grad_norm = accelerator.clip_grad_norm_(params_list, cfg.max_grad_norm or float("inf"))
-            if run.step_ok(step, losses, grad_norm, stream.current_rows()):
-                optimizer.step()
-                scheduler.step()
+            if (grad_norm := run.optimizer_step(step, losses, params_list, stream.current_rows())) is not None:
                 step_acc.add({"grad_norm": grad_norm})
                 acc.merge(step_acc)
-            optimizer.zero_grad(set_to_none=True)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 metrics = {**acc.means(accelerator), **rollout_metrics.means(accelerator)}
                 metrics.update(learning_rate=scheduler.get_last_lr()[0], step_time=(time.perf_counter() - t0) / cfg.logging_steps,

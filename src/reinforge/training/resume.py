@@ -184,6 +184,24 @@ class RunControl:
                         self.consecutive_nonfinite, self.skipped_nonfinite_steps, limit)
         return False
 
+    def optimizer_step(self, step: int, losses: list[torch.Tensor], params: list[torch.Tensor],
+                       rows: list[int]) -> torch.Tensor | None:
+        """Clip the accumulated gradients to `max_grad_norm`, then, when `step_ok`, take the optimiser and
+        scheduler step; the gradients are zeroed either way.
+
+        Returns:
+            the gradient norm before clipping (a 0-d tensor) when the step was taken, None when it was skipped.
+        Raises:
+            RunError: from `step_ok`.
+        """
+        grad_norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
+        taken = self.step_ok(step, losses, grad_norm, rows)
+        if taken:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm if taken else None
+
     def end_step(self, step: int, position: Any, epoch_done: bool, rank_state: dict[str, Any]) -> None:
         """After optimiser step `step`: write a scheduled checkpoint; after a signal, write one and raise.
 

@@ -73,9 +73,10 @@ class RolloutBatch:
                             loss_tokens=self.loss_tokens)
 
 
-def per_token(out: dict[str, torch.Tensor], n_tokens: torch.Tensor) -> torch.Tensor:
-    """LogpsModel output → per-token log-probs [S, T] (right-padded with 0)."""
-    return split_to_padded(out["token_logps"], n_tokens)[0]
+def per_token(out: dict[str, torch.Tensor], n_tokens: torch.Tensor, key: str = "token_logps") -> torch.Tensor:
+    """LogpsModel output → per-token values [S, T] (right-padded with 0): log-probs, or another [N] output
+    such as `token_entropy`."""
+    return split_to_padded(out[key], n_tokens)[0]
 
 
 class RolloutMaker:

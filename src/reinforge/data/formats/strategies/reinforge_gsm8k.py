@@ -1,9 +1,11 @@
 """GSM8K (openai/grade-school-math) as GRPO prompts: `type: reinforge_gsm8k.transform`.
 
 Input rows: `{"question": str, "answer": str}` where `answer` is the worked solution ending with
-`#### <number>`. Output: `prompt` (a system message asking for step-by-step reasoning that ends with
-`#### <number>`, then the question as the user message) and `answer`, kept unchanged for reward
-functions (the reference number is the text after `####`). `question` is removed.
+`#### <number>`. Output: `prompt` and `answer` (kept unchanged for reward functions; the reference number
+is the text after `####`); `question` is removed. The prompt is a system message asking for short
+step-by-step reasoning that ends with `#### <number>`, one worked exchange (`EXAMPLE`, a made-up problem
+that is not in GSM8K, as a user and an assistant turn: small models copy a shown format far more reliably
+than a described one), then the question as the user message.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 SYSTEM_PROMPT = (
-    "Solve the math problem. Think step by step, showing your reasoning, and finish with a final line "
+    "Solve the math problem. Think step by step in a few short lines, and finish with a final line "
     "of the form `#### <number>` that gives only the numeric answer."
 )
 
 EXAMPLE = {
-    "question": "Natalia sold clips to 48 friends in April and half as many in May. How many clips did she sell?",
-    "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nAltogether 48+24 = <<48+24=72>>72 clips.\n#### 72",
+    "question": "A baker fills 3 trays with 12 muffins each and sells 20 muffins. How many muffins are left?",
+    "answer": "The baker makes 3 * 12 = 36 muffins.\nAfter selling 20, 36 - 20 = 16 muffins are left.\n#### 16",
 }
 
 
@@ -40,7 +42,10 @@ def transform(cfg: Any = None, **kwargs: Any):
         if "####" not in answer:
             raise ValueError("`answer` has no final `#### <number>` line")
         return {
-            "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}],
+            "prompt": [{"role": "system", "content": SYSTEM_PROMPT},
+                       {"role": "user", "content": EXAMPLE["question"]},
+                       {"role": "assistant", "content": EXAMPLE["answer"]},
+                       {"role": "user", "content": question}],
             "answer": answer,
         }
 
