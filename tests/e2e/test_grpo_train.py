@@ -81,3 +81,22 @@ def test_raising_reward_function_stops_with_its_name(tmp_path, monkeypatch, tiny
     assert main(["train", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "explode" in err and "ZeroDivisionError" in err and "boom" in err
+
+
+def test_prefix_sharing_changes_no_number(tmp_path, monkeypatch, tiny_model_dir):
+    """The default layout (a prompt once for its completions, packed in one row) against one padded row per
+    completion: the same rollouts (same sampling seeds) give the same first-step loss, entropy, clip ratios and
+    gradient norm, to float32 rounding; num_iterations 2 and beta > 0 make the old and reference passes use the
+    layout too."""
+    runs = {}
+    for share in (True, False):
+        d = tmp_path / str(share)
+        d.mkdir()
+        cfg = setup(d, monkeypatch, tiny_model_dir, max_steps=2, prefix_sharing=share, sample_packing=share,
+                    trl={"beta": 0.04, "num_iterations": 2})
+        assert main(["train", str(cfg)]) == 0
+        runs[share] = metrics(d)[0]
+    on, off = runs[True], runs[False]
+    assert on["reward"] == off["reward"] and on["completions/mean_length"] == off["completions/mean_length"]
+    for key in ("loss", "entropy", "kl", "grad_norm", "clip_ratio/region_mean"):
+        assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key

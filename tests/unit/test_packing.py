@@ -117,11 +117,13 @@ def test_config_defaults_and_validation():
     assert cfg.packing_length_value is None
     grpo = {**BASE, "rl": "grpo", "micro_batch_size": 2, "trl": {"reward_funcs": ["m.f"], "num_generations": 2}}
     g = build_config(grpo)
-    assert not g.sample_packing_value and not g.prefix_sharing_value
+    assert g.sample_packing_value and g.prefix_sharing_value  # the completions of a prompt share it
+    assert not build_config({**grpo, "prefix_sharing": False}).prefix_sharing_value
+    ebft = {**BASE, "rl": "ebft"}
     with pytest.raises(ConfigError, match="sample_packing applies to"):
-        build_config({**grpo, "sample_packing": True})
+        build_config({**ebft, "sample_packing": True})
     with pytest.raises(ConfigError, match="prefix_sharing applies to"):
-        build_config({**grpo, "prefix_sharing": True})
+        build_config({**ebft, "prefix_sharing": True})
     with pytest.raises(ConfigError, match="packing_length is used only with sample_packing"):
         build_config({**BASE, "sample_packing": False, "packing_length": 512})
     with pytest.raises(ConfigError):

@@ -280,3 +280,56 @@ def test_gradient_checkpointing_packed_and_shared(paired_rows, float64_norm):
     policy.train()
     got = _step(policy, reference, objective, _collator("paired", "packed-shared-one-row")(paired_rows), True, True)
     _assert_same(got, want, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed-shared-one-row", "packed-rows-of-48"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_micro_batches_shared_equal_padded(layout, loss_type, paired_rows, float64_norm):
+    """A GRPO rollout (2 prompts × 3 completions of very different lengths, one a multi-turn prompt), cut into
+    micro-batches as the online loop does and laid out as `batch_layout` does: per-token log-probs, entropy, the
+    clipped-surrogate + k3 loss and every parameter gradient equal those of the padded rows."""
+    from reinforge.algorithms.aggregation import aggregate_loss
+    from reinforge.algorithms.policy_gradient import grpo_per_token_loss
+    from reinforge.data.collate import pad_sequences
+    from reinforge.data.packing import relayout
+    from reinforge.training.rollout import RolloutBatch, per_token
+
+    comps = [r[k] for r in paired_rows for k in ("chosen_ids", "rejected_ids")]
+    seqs = [(paired_rows[0]["prompt_ids"] + c, len(paired_rows[0]["prompt_ids"])) for c in comps[:3]]
+    seqs += [(paired_rows[3]["prompt_ids"] + c, len(paired_rows[3]["prompt_ids"])) for c in comps[3:6]]
+    batch = pad_sequences(seqs, PAD)
+    n = batch["n_tokens"]
+    T = int(n.max())
+    mask = torch.arange(T).unsqueeze(0) < n.unsqueeze(1)
+    gen = torch.Generator().manual_seed(3)
+    advantages = torch.randn(6, generator=gen, dtype=torch.float64)
+    old = torch.randn(6, T, generator=gen, dtype=torch.float64) * 0.3 - 3.0
+    ref = old + torch.randn(6, T, generator=gen, dtype=torch.float64) * 0.1
+    rollout = RolloutBatch(batch, mask, advantages, old * mask, ref * mask, {}, loss_tokens=float(mask.sum()))
+    policy = _load(0)
+    module = LogpsModel(policy, chunk_size=16)
+    capacity, share = LAYOUTS[layout]
+
+    def run(layout_fn):
+        losses, grads = [], None
+        for start in (0, 3):  # two micro-batches of 3 completions: one prompt group each
+            mb = rollout.micro_batch(start, 3)
+            out = module(**layout_fn(mb.batch), temperature=0.8, with_entropy=True)
+            logps = per_token(out, mb.batch["n_tokens"])
+            terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=0.2, epsilon_high=0.28,
+                                        old_per_token_logps=mb.old_logps, beta=0.04, ref_per_token_logps=mb.ref_logps)
+            loss = aggregate_loss(terms.per_token_loss, mb.mask, loss_type, num_items_in_batch=rollout.loss_tokens)
+            g = torch.autograd.grad(loss, list(policy.parameters()))
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            losses.append((loss.detach(), logps.detach(), per_token(out, mb.batch["n_tokens"], "token_entropy")))
+        return losses, grads
+
+    want_losses, want_grads = run(lambda b: b)
+    shared_batch = relayout(rollout.micro_batch(0, 3).batch, PAD, capacity, share)
+    if share:
+        assert "branch_ids" in shared_batch and shared_batch["input_ids"].shape[0] == 1  # one prompt, 3 branches
+    got_losses, got_grads = run(lambda b: relayout(b, PAD, capacity, share))
+    for (l, lp, e), (l0, lp0, e0) in zip(got_losses, want_losses):
+        assert torch.allclose(l, l0, atol=1e-9) and torch.allclose(lp, lp0, atol=1e-9) and torch.allclose(e, e0, atol=1e-9)
+    for g, g0 in zip(got_grads, want_grads):
+        assert torch.allclose(g, g0, atol=1e-9)

@@ -1,4 +1,4 @@
-"""Config keys of the exact speed-ups for offline preference methods: packing, prefix sharing, chunked log-probs.
+"""Config keys of the exact speed-ups: packing, prefix sharing, chunked log-probs.
 
 Mixed into `ReinforgeConfig`. Each optimisation leaves the per-sequence log-probs, the loss and the
 gradients unchanged up to floating-point rounding (tests/unit/test_packing_equivalence.py), so each is
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PACKING_METHODS = ("dpo", "ipo", "kto", "orpo", "simpo")
+PACKING_METHODS = ("dpo", "ipo", "kto", "orpo", "simpo", "grpo", "gdpo")
 
 
 class PerformanceKeys(BaseModel):
-    """Layout of preference batches and the log-prob computation (Axolotl's `sample_packing` name)."""
+    """Layout of training batches and the log-prob computation (Axolotl's `sample_packing` name)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
@@ -22,7 +22,8 @@ class PerformanceKeys(BaseModel):
         default=None,
         description="Pack the sequences of a micro-batch into rows without padding (position ids restart per "
         "sequence, attention stays inside each sequence). The micro-batch keeps micro_batch_size pairs/examples, so "
-        "the result is unchanged. Default: on for dpo, ipo, kto, orpo, simpo (the only methods it applies to).",
+        "the result is unchanged. Default: on for dpo, ipo, kto, orpo, simpo, grpo, gdpo (the methods it applies "
+        "to; grpo/gdpo: the completions of a micro-batch).",
     )
     packing_length: int | None = Field(
         default=None, ge=8,
@@ -35,9 +36,10 @@ class PerformanceKeys(BaseModel):
     prefix_sharing: bool | None = Field(
         default=None,
         description="Compute each prompt once for all the sequences that continue it (chosen and rejected; a KTO "
-        "example and its KL sequence): the continuations attend to the shared prompt and not to each other "
-        "(arXiv 2410.20305). Default: on for dpo, ipo, kto, orpo, simpo. Needs full causal attention (no "
-        "sliding window) and sdpa or eager attention.",
+        "example and its KL sequence; the completions of one prompt in a grpo/gdpo micro-batch): the "
+        "continuations attend to the shared prompt and not to each other (arXiv 2410.20305). Default: on for "
+        "dpo, ipo, kto, orpo, simpo, grpo, gdpo. Needs full causal attention (no sliding window) and sdpa or "
+        "eager attention.",
     )
     chunked_logprobs: bool = Field(
         default=True,
@@ -47,7 +49,7 @@ class PerformanceKeys(BaseModel):
 
     @model_validator(mode="after")
     def check_performance_keys(self) -> "PerformanceKeys":
-        """sample_packing/prefix_sharing only for offline preference methods; packing_length only with packing."""
+        """sample_packing/prefix_sharing only for PACKING_METHODS; packing_length only with packing."""
         rl = getattr(self, "rl", None)
         for key in ("sample_packing", "prefix_sharing"):
             if getattr(self, key) and rl is not None and rl not in PACKING_METHODS:
@@ -60,14 +62,14 @@ class PerformanceKeys(BaseModel):
 
     @property
     def sample_packing_value(self) -> bool:
-        """Whether batches are packed: `sample_packing`, else on for the offline preference methods."""
+        """Whether batches are packed: `sample_packing`, else on for PACKING_METHODS."""
         if self.sample_packing is not None:
             return self.sample_packing
         return getattr(self, "rl", None) in PACKING_METHODS
 
     @property
     def prefix_sharing_value(self) -> bool:
-        """Whether prompts are shared: `prefix_sharing`, else on for the offline preference methods."""
+        """Whether prompts are shared: `prefix_sharing`, else on for PACKING_METHODS."""
         if self.prefix_sharing is not None:
             return self.prefix_sharing
         return getattr(self, "rl", None) in PACKING_METHODS

@@ -202,13 +202,34 @@ class PackedCollator:
         self.inner, self.pad_id, self.capacity, self.share_prefix = inner, pad_id, capacity, share_prefix
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        padded = self.inner(rows)
-        packed = pack_sequences(unpad_sequences(padded), self.pad_id, self.capacity, self.share_prefix)
-        if not torch.equal(packed["n_tokens"], padded["n_tokens"]):
-            raise AssertionError("packing changed the scored tokens per sequence")  # a bug, never data
-        out = {k: v for k, v in padded.items() if k not in ROW_KEYS}
-        out.update(packed)
-        return out
+        return relayout(self.inner(rows), self.pad_id, self.capacity, self.share_prefix)
+
+
+def relayout(padded: dict[str, Any], pad_id: int, capacity: int | None, share_prefix: bool) -> dict[str, Any]:
+    """A one-row-per-sequence batch (`collate.pad_sequences` format, plus any non-row keys) → the same S
+    sequences packed and/or prefix-shared (`pack_sequences`); non-row keys pass through unchanged."""
+    packed = pack_sequences(unpad_sequences(padded), pad_id, capacity, share_prefix)
+    if not torch.equal(packed["n_tokens"], padded["n_tokens"]):
+        raise AssertionError("packing changed the scored tokens per sequence")  # a bug, never data
+    out = {k: v for k, v in padded.items() if k not in ROW_KEYS}
+    out.update(packed)
+    return out
+
+
+def layout_of(cfg: Any) -> tuple[int | None, bool]:
+    """(packing capacity or None, share prompts) from the config's performance keys (`sample_packing_value`,
+    `packing_length_value`, `prefix_sharing_value`)."""
+    capacity = (cfg.packing_length_value or UNLIMITED) if cfg.sample_packing_value else None
+    return capacity, cfg.prefix_sharing_value
+
+
+def batch_layout(cfg: Any, pad_id: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """batch → batch: `relayout` per the config, or the identity when neither packing nor sharing is on.
+    Used by the online loop on its one-row-per-completion rollout batches."""
+    capacity, share = layout_of(cfg)
+    if capacity is None and not share:
+        return lambda batch: batch
+    return lambda batch: relayout(batch, pad_id, capacity, share)
 
 
 def attention_bias(segment_ids: torch.Tensor, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,13 +264,11 @@ def build_collator(cfg: Any, kind: str, pad_id: int) -> Callable[[list[dict[str,
         inner = UnpairedCollator(pad_id, max_length=cfg.sequence_len)
     else:
         raise ValueError(f"no preference collator for data kind {kind!r}")
-    capacity = None
-    if cfg.sample_packing_value:
-        capacity = cfg.packing_length_value or UNLIMITED
-    share = cfg.prefix_sharing_value
+    capacity, share = layout_of(cfg)
     if capacity is None and not share:
         return inner
     return PackedCollator(inner, pad_id, capacity=capacity, share_prefix=share)
 
 
-__all__ = ["UNLIMITED", "PackedCollator", "attention_bias", "build_collator", "pack_sequences", "unpad_sequences"]
+__all__ = ["UNLIMITED", "PackedCollator", "attention_bias", "batch_layout", "build_collator", "layout_of", "pack_sequences",
+           "relayout", "unpad_sequences"]

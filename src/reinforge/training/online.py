@@ -5,7 +5,8 @@ optimiser step, `gradient_accumulation_steps` micro-batches run the policy forwa
 surrogate (+ k3 KL when beta > 0), the chosen loss aggregation, and backward. Generation size:
 `generation_batch_size` completions per rollout over all processes (default micro_batch_size ×
 accumulation steps × processes), i.e. generation_batch_size / num_generations prompts, split into whole
-prompt groups per process. Resume, non-finite steps, checkpoints and signals: `RunControl`.
+prompt groups per process. Rollouts are stored one row per completion; every forward sees them laid out per
+`prefix_sharing` / `sample_packing` (on by default: a prompt once for its completions in the micro-batch). Resume, non-finite steps, checkpoints and signals: `RunControl`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from reinforge.algorithms.aggregation import aggregate_loss
 from reinforge.algorithms.policy_gradient import clip_ratio_metrics, grpo_per_token_loss, masked_mean
 from reinforge.config.schema import ReinforgeConfig
+from reinforge.data.packing import batch_layout
 from reinforge.generation.base import SamplingParams
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_reference
@@ -61,7 +63,8 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
     beta = t.beta or 0.0
     reference = load_reference(cfg, policy) if beta > 0 else None
-    module = LogpsModel(policy)
+    module = LogpsModel(policy, chunked=cfg.chunked_logprobs)
+    layout = batch_layout(cfg, tokenizer.pad_token_id)  # the completions of a prompt share it (prefix_sharing)
     funcs = load_reward_funcs(t.reward_funcs or [])
     pool = RewardPool(funcs, t.reward_num_workers) if t.reward_num_workers > 1 or t.reward_timeout else None
     maker = _rollout_maker(cfg, policy, tokenizer, funcs, pool)
@@ -86,11 +89,11 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
 
     def policy_fn(batch):
         with torch.no_grad():
-            return unwrapped(**batch, temperature=t.temperature)
+            return unwrapped(**layout(batch), temperature=t.temperature)
 
     def ref_fn(batch):
         with reference.active(unwrapped) as ref_module:
-            return ref_module(**batch, temperature=t.temperature)
+            return ref_module(**layout(batch), temperature=t.temperature)
 
     rollout_metrics = MetricsAccumulator.from_state(saved.get("rollout_metrics"))
 
@@ -118,7 +121,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                 n_items = rollout.loss_tokens * cfg.gradient_accumulation_steps / micro_per_rollout
                 sync = micro == cfg.gradient_accumulation_steps - 1
                 with accelerator.no_sync(module) if not sync else nullcontext(), accelerator.autocast():
-                    out = module(**mb.batch, temperature=t.temperature, with_entropy=True)
+                    out = module(**layout(mb.batch), temperature=t.temperature, with_entropy=True)
                     logps, entropy = per_token(out, mb.batch["n_tokens"]), per_token(out, mb.batch["n_tokens"], "token_entropy")
                     terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=t.epsilon, epsilon_high=eps_high,
                                                 old_per_token_logps=mb.old_logps, importance_sampling_level=t.importance_sampling_level,
