@@ -241,6 +241,15 @@ def test_accuracy_on_gsm8k_rows():
     assert accuracy(conv, solution=["The answer is $\\boxed{\\frac12}$.", "\\boxed{1/2}"]) == [1.0, 1.0]
 
 
+def test_accuracy_truncated_completion_needs_an_explicit_answer():
+    """A completion cut at max_completion_length gets no credit for the number it happened to stop after; an
+    explicit `####` or boxed answer still counts."""
+    gold = [_gsm8k_rows([1])[0]["answer"]] * 4  # 10
+    texts = ["0.2 per minute, and 50 minutes is 10", "0.2 per minute, and 50 minutes is 10", "#### 10", "so \\boxed{10} and"]
+    assert accuracy(texts, answer=gold, completion_truncated=[False, True, True, True]) == [1.0, 0.0, 1.0, 1.0]
+    assert extract_answer("cut after 10", explicit_only=True) is None
+
+
 def test_accuracy_not_applicable_and_missing_column():
     # a reference that does not parse to mathematics → None (NaN: not applicable)
     assert accuracy(["#### 3", "#### 3"], answer=["#### ???", ""]) == [None, None]

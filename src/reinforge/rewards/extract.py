@@ -82,16 +82,16 @@ def last_number(text: str) -> str | None:
     return strip_thousands(matches[-1]) if matches else None
 
 
-def extract_answer(text: str) -> str | None:
-    """A completion's final answer: the last `\\boxed{...}`, else the `#### N` answer, else the last
-    number. None when none of these is present."""
+def extract_answer(text: str, explicit_only: bool = False) -> str | None:
+    """A completion's final answer: the last `\\boxed{...}`, else the `#### N` answer, else (unless
+    `explicit_only`) the last number. None when none of these is present."""
     boxed = last_boxed(text)
     if boxed is not None:
         return strip_thousands(boxed[0].strip())
     hashed = hash_answer(text)
     if hashed is not None:
         return hashed
-    return last_number(text)
+    return None if explicit_only else last_number(text)
 
 
 def extract_gold(answer: Any) -> str:

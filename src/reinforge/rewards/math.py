@@ -15,20 +15,23 @@ VERIFY_TIMEOUT_S = 5
 
 
 def accuracy(completions: list[Any], answer: list[Any] | None = None, solution: list[Any] | None = None,
-             **kwargs: Any) -> list[float | None]:
+             completion_truncated: list[bool] | None = None, **kwargs: Any) -> list[float | None]:
     """1.0 when a completion's final answer equals the reference answer mathematically, else 0.0.
 
     Reference (per row): the dataset column `answer` (GSM8K: the text after the last `####`, e.g.
     "... #### 72" → 72) or, when there is no `answer` column, `solution` (TRL's name); a value with
     `\\boxed{...}` gives its boxed content, any other value is taken whole.
     Completion answer: the last `\\boxed{...}`, else the text after the last `####`, else the last
-    number in the completion. Thousands separators are dropped ("1,000" = 1000).
+    number in the completion — except for a completion cut at max_completion_length
+    (`completion_truncated`, passed by the GRPO loop), whose last number is wherever generation stopped:
+    without a boxed or `####` answer it scores 0.0. Thousands separators are dropped ("1,000" = 1000).
     Both are parsed and compared with `math_verify.parse` / `math_verify.verify` (so 0.5 = \\frac{1}{2},
     18 = 18.00).
 
     Args:
         completions: N completions (strings, or message lists for conversational prompts).
         answer / solution: N reference answers (dataset column).
+        completion_truncated: N booleans, True when the completion ended without EOS (optional).
     Returns:
         N floats: 1.0 correct, 0.0 wrong or no answer found; None (not applicable → NaN) when the
         reference itself does not parse to a mathematical expression.
@@ -50,12 +53,13 @@ def accuracy(completions: list[Any], answer: list[Any] | None = None, solution: 
     if not main_thread:
         logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning, once per call
     rewards: list[float | None] = []
-    for completion, gold in zip(completions, golds):
+    truncated = completion_truncated or [False] * len(completions)
+    for completion, gold, cut in zip(completions, golds, truncated):
         gold_parsed = parse(f"\\boxed{{{extract_gold(gold)}}}", parsing_timeout=parse_timeout)
         if not any(not isinstance(x, str) for x in gold_parsed):  # nothing mathematical in the reference
             rewards.append(None)
             continue
-        predicted = extract_answer(completion_text(completion))
+        predicted = extract_answer(completion_text(completion), explicit_only=bool(cut))
         if predicted is None:
             rewards.append(0.0)
             continue
