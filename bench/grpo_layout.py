@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, layout in layouts.items():
                 t0 = time.perf_counter()
                 laid = layout(mb.batch)
-                out = module(**laid, with_entropy=True)
+                out = module(**laid, stats=("entropy",))
                 logps = per_token(out, mb.batch["n_tokens"])
                 terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=0.2, epsilon_high=0.2)
                 loss = aggregate_loss(terms.per_token_loss, mb.mask, "dapo", num_items_in_batch=rollout.loss_tokens)

@@ -113,10 +113,10 @@ def run_reinforge(adapter: str, steps: int, overrides: dict) -> dict:
     torch.manual_seed(cfg.seed)
     policy = load_policy(cfg)
     reference = load_reference(cfg, policy)
-    module = LogpsModel(policy, chunked=cfg.chunked_logprobs)
+    objective = build_objective(cfg)
+    module = LogpsModel(policy, chunked=cfg.chunked_logprobs, stats=objective.token_stats)  # as `reinforge train`
     module.train()
     collate = build_collator(cfg, "paired", tokenizer.pad_token_id)
-    objective = build_objective(cfg)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     times, cpu, losses, layout = [], [], [], []

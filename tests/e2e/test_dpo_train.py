@@ -54,8 +54,11 @@ def test_full_finetune_loss_falls_and_reloads(tmp_path, tiny_model_dir, demo_row
     assert sum(m["loss"] for m in train[-3:]) / 3 < 0.5
     assert train[-1]["rewards/accuracies"] == 1.0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                "grad_norm", "learning_rate", "tokens_per_second"):
+                "grad_norm", "learning_rate", "tokens_per_second", "logits/chosen", "logits/rejected",
+                "mean_token_accuracy", "entropy"):
         assert key in train[-1]
+    # trained to prefer the chosen completions, the policy predicts their tokens better than at the start
+    assert train[-1]["mean_token_accuracy"] > train[0]["mean_token_accuracy"], [m["mean_token_accuracy"] for m in train]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)

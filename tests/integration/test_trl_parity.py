@@ -61,7 +61,7 @@ def _ours(cfg_dict, collator_cls):
     data = prepare_data(cfg, tokenizer)
     batch = collator_cls(tokenizer.pad_token_id)(data.train)
     objective = build_objective(cfg)
-    policy = LogpsModel(_causal_lm(cfg.base_model)).train()
+    policy = LogpsModel(_causal_lm(cfg.base_model), stats=getattr(objective, "token_stats", ())).train()
     out = policy(**batch)
     ref = None
     if objective.needs_reference:
@@ -107,7 +107,7 @@ def test_dpo_sigmoid_first_step(tiny_model_dir, ref_model_dir, tmp_path):
     assert abs(loss.item() - 0.6931) > 1e-3  # a distinct reference: not the trivial log 2
     assert loss.item() == pytest.approx(trl_loss.item(), abs=ATOL)
     for name in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                 "rewards/accuracies"):
+                 "rewards/accuracies", "logits/chosen", "logits/rejected", "mean_token_accuracy", "entropy"):
         assert metrics[name].item() == pytest.approx(trl_metrics[name], abs=ATOL, rel=RTOL_SUMS), name
 
 

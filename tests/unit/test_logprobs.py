@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from reinforge.algorithms.logprobs import chunked_token_logps, selective_logps, sequence_sums
@@ -84,9 +85,13 @@ def test_entropy_by_hand_chunked_and_against_trl():
     h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
     w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, V, (N,))
-    logps, ent = chunked_token_logps(h, w, None, t, chunk_size=4, temperature=0.7, with_entropy=True)
+    logps, st = chunked_token_logps(h, w, None, t, chunk_size=4, temperature=0.7,
+                                    stats=("entropy", "mean_logits", "is_top1"))
+    ent = st["entropy"]
     scaled = (h @ w.T).detach() / 0.7
     assert torch.allclose(ent, trl_entropy(scaled), atol=1e-10)
+    assert torch.allclose(st["mean_logits"], scaled.mean(-1), atol=1e-12)
+    assert torch.equal(st["is_top1"], (scaled.argmax(-1) == t).double())
     assert torch.allclose(logps, selective_logps(scaled, t), atol=1e-10)
     assert ent.grad_fn is None and logps.grad_fn is not None
     logps.sum().backward()  # the entropy output does not disturb the checkpointed backward
@@ -103,11 +108,25 @@ def test_logps_model_entropy_chunked_equals_full(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     rows = [{"prompt_ids": [1, 2, 3, 4], "chosen_ids": [5, 6, 7], "rejected_ids": [8, 9]}]
     batch = PairedCollator(tokenizer.pad_token_id)(rows)
-    out_c = LogpsModel(model, chunk_size=2)(**batch, temperature=0.9, with_entropy=True)
-    out_f = LogpsModel(model, chunked=False)(**batch, temperature=0.9, with_entropy=True)
+    out_c = LogpsModel(model, chunk_size=2)(**batch, temperature=0.9, stats=("entropy",))
+    out_f = LogpsModel(model, chunked=False)(**batch, temperature=0.9, stats=("entropy",))
     assert torch.allclose(out_c["token_entropy"], out_f["token_entropy"], atol=1e-10)
     with torch.no_grad():  # by hand from the model's own logits at the scored positions
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / 0.9
     want = entropy_from_logits(logits[batch["targets"] != -100])
     assert torch.allclose(out_f["token_entropy"], want, atol=1e-10)
     assert "token_entropy" not in LogpsModel(model)(**batch)
+    stats = ("entropy", "mean_logits", "is_top1")
+    out_c, out_f = LogpsModel(model, chunk_size=2, stats=stats)(**batch), LogpsModel(model, chunked=False, stats=stats)(**batch)
+    for k in stats:
+        assert torch.allclose(out_c[f"token_{k}"], out_f[f"token_{k}"], atol=1e-10), k
+
+
+def test_token_stats_by_hand():
+    from reinforge.algorithms.logprobs import token_stats
+
+    logits = torch.tensor([[0.0, 2.0, 4.0], [3.0, 0.0, 0.0]])
+    st = token_stats(logits, torch.tensor([2, 1]), ("mean_logits", "is_top1"))
+    assert st["mean_logits"].tolist() == [2.0, 1.0] and st["is_top1"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown token statistics"):
+        token_stats(logits, torch.tensor([0, 0]), ("perplexity",))

@@ -314,7 +314,7 @@ def test_grpo_micro_batches_shared_equal_padded(layout, loss_type, paired_rows, 
         losses, grads = [], None
         for start in (0, 3):  # two micro-batches of 3 completions: one prompt group each
             mb = rollout.micro_batch(start, 3)
-            out = module(**layout_fn(mb.batch), temperature=0.8, with_entropy=True)
+            out = module(**layout_fn(mb.batch), temperature=0.8, stats=("entropy",))
             logps = per_token(out, mb.batch["n_tokens"])
             terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=0.2, epsilon_high=0.28,
                                         old_per_token_logps=mb.old_logps, beta=0.04, ref_per_token_logps=mb.ref_logps)

@@ -50,18 +50,47 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
     return torch.cat(out).reshape(shape)
 
 
+TOKEN_STATS = ("entropy", "mean_logits", "is_top1")
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, stats: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Per-position statistics of logits, for metrics (no gradient).
+
+    Args:
+        logits: [N, V]; targets: [N] long; stats: names from TOKEN_STATS.
+    Returns:
+        {name: [N]}: "entropy" (nats, `entropy_from_logits`), "mean_logits" (mean over the vocabulary:
+        TRL's `logits/chosen|rejected` average it over completion tokens), "is_top1" (float 1.0 when the
+        target is the arg-max: TRL's `mean_token_accuracy`).
+    Raises:
+        ValueError: an unknown name.
+    """
+    unknown = set(stats) - set(TOKEN_STATS)
+    if unknown:
+        raise ValueError(f"unknown token statistics {sorted(unknown)}; known: {', '.join(TOKEN_STATS)}")
+    out = {}
+    if "entropy" in stats:
+        out["entropy"] = entropy_from_logits(logits)
+    if "mean_logits" in stats:
+        out["mean_logits"] = logits.detach().float().mean(-1).to(logits.dtype)
+    if "is_top1" in stats:
+        out["is_top1"] = (logits.detach().argmax(-1) == targets).to(logits.dtype)
+    return out
+
+
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor, temperature: float, with_entropy: bool = False):
+                 targets: torch.Tensor, temperature: float, stats: tuple[str, ...] = ()):
     logits = torch.nn.functional.linear(hidden, weight, bias)
     if temperature != 1.0:
         logits = logits / temperature
     logps = selective_logps(logits, targets)
-    return (logps, entropy_from_logits(logits)) if with_entropy else logps
+    return (logps, token_stats(logits, targets, stats)) if stats else logps
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         targets: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0,
-                        with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                        stats: tuple[str, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Log-probs of `targets` under an LM head applied to `hidden`, chunk by chunk.
 
     Args:
@@ -70,25 +99,25 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         targets: [N] long next-token ids.
         chunk_size: positions per chunk (peak extra memory ≈ chunk_size × V floats).
         temperature: logits are divided by it (sampling temperature of online RL).
-        with_entropy: also return the entropy of each position's (temperature-scaled) distribution, from
-            the same logits (no extra LM-head pass; no gradient).
+        stats: names from TOKEN_STATS to compute from the same (temperature-scaled) logits, no gradient
+            (`token_stats`; no extra LM-head pass).
     Returns:
-        [N] log-probabilities (gradients flow to hidden, weight and bias), or with `with_entropy`
-        (log-probabilities [N], entropies [N]).
+        [N] log-probabilities (gradients flow to hidden, weight and bias), or with `stats`
+        (log-probabilities [N], {name: [N]}).
     """
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0)
-        return (empty, empty.detach()) if with_entropy else empty
+        return (empty, {k: empty.detach() for k in stats}) if stats else empty
     outs = []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if needs_grad:
-            outs.append(checkpoint(_chunk_logps, h, weight, bias, t, temperature, with_entropy, use_reentrant=False))
+            outs.append(checkpoint(_chunk_logps, h, weight, bias, t, temperature, stats, use_reentrant=False))
         else:
-            outs.append(_chunk_logps(h, weight, bias, t, temperature, with_entropy))
-    if with_entropy:
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+            outs.append(_chunk_logps(h, weight, bias, t, temperature, stats))
+    if stats:
+        return torch.cat([o[0] for o in outs]), {k: torch.cat([o[1][k] for o in outs]) for k in stats}
     return torch.cat(outs)
 
 

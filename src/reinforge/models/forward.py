@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reinforge.algorithms.logprobs import (chunked_token_logps, entropy_from_logits, selective_logps, sequence_sums,
-                                           token_log_sum_sq_probs)
+from reinforge.algorithms.logprobs import (chunked_token_logps, selective_logps, sequence_sums, token_log_sum_sq_probs,
+                                           token_stats)
 from reinforge.data.packing import attention_bias
 
 SEGMENT_ATTENTION = "reinforge_sdpa"
@@ -145,12 +145,15 @@ class LogpsModel(nn.Module):
             implementation to `reinforge_sdpa` (identical to sdpa for ordinary batches) so that packed and
             prefix-shared batches attend per unit. False keeps the model as it is (transformers' packed
             sequence handling, or a 4-D mask for prefix sharing).
+        log_sum_sq: also return WPO's `token_log_sum_sq_probs`.
+        stats: token statistics (`algorithms.logprobs.TOKEN_STATS`) every forward returns, for metrics.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True,
-                 segment_attention: bool = True, log_sum_sq: bool = False):
+                 segment_attention: bool = True, log_sum_sq: bool = False, stats: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
+        self.stats = tuple(stats)  # token statistics every forward returns (see forward)
         self.chunk_size = chunk_size
         self.log_sum_sq = log_sum_sq  # also return token_log_sum_sq_probs (WPO)
         inner = _unwrap_peft(model)
@@ -198,7 +201,7 @@ class LogpsModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 targets: torch.Tensor, seq_index: torch.Tensor, n_tokens: torch.Tensor, temperature: float = 1.0,
                 segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
-                with_entropy: bool = False, **_: object) -> dict[str, torch.Tensor]:
+                stats: tuple[str, ...] | None = None, **_: object) -> dict[str, torch.Tensor]:
         """Args: the batch tensors of `reinforge.data.collate` ([R, L] each; `n_tokens` [S] gives S), and for
         packed/prefix-shared batches `segment_ids`/`branch_ids` [R, L] (`reinforge.data.packing`).
 
@@ -208,9 +211,12 @@ class LogpsModel(nn.Module):
                 of `targets != -100`;
             token_seq [N]: the sequence of each scored token (non-decreasing);
             logps [S]: per-sequence sums;
-            token_entropy [N] (with `with_entropy`): entropy in nats of the (temperature-scaled) next-token
-                distribution at each scored position, no gradient (TRL's `entropy` metric).
+            token_<stat> [N] for each of `stats` (default: the module's `stats`): "entropy" (nats),
+                "mean_logits", "is_top1" of the (temperature-scaled) next-token distribution at each scored
+                position, no gradient (`algorithms.logprobs.token_stats`; TRL's `entropy`, `logits/*` and
+                `mean_token_accuracy` metrics).
         """
+        stats = self.stats if stats is None else tuple(stats)
         flat = (targets != -100).flatten().nonzero().squeeze(1)
         seq = seq_index.flatten()[flat]
         order = torch.sort(seq, stable=True).indices
@@ -225,10 +231,8 @@ class LogpsModel(nn.Module):
                              use_cache=False, **extra).last_hidden_state
             head = inner.get_output_embeddings()
             selected = hidden.flatten(0, 1)[flat]
-            tok = chunked_token_logps(selected, head.weight, head.bias, tgt, self.chunk_size, temperature,
-                                      with_entropy=with_entropy)
-            if with_entropy:
-                tok, entropy = tok
+            tok = chunked_token_logps(selected, head.weight, head.bias, tgt, self.chunk_size, temperature, stats=stats)
+            tok, stat_values = tok if stats else (tok, {})
             if self.log_sum_sq:
                 sum_sq = token_log_sum_sq_probs(selected.detach(), head.weight.detach(),
                                                 None if head.bias is None else head.bias.detach(), self.chunk_size)
@@ -239,8 +243,7 @@ class LogpsModel(nn.Module):
                 logits = logits / temperature
             picked = logits.flatten(0, 1)[flat]
             tok = selective_logps(picked, tgt)
-            if with_entropy:
-                entropy = entropy_from_logits(picked)
+            stat_values = token_stats(picked, tgt, stats)
             if self.log_sum_sq:
                 with torch.no_grad():
                     z = picked.float()
@@ -248,8 +251,7 @@ class LogpsModel(nn.Module):
         out = {"token_logps": tok, "token_seq": seq, "logps": sequence_sums(tok, seq, n_tokens.shape[0])}
         if self.log_sum_sq:
             out["token_log_sum_sq_probs"] = sum_sq.to(tok.dtype)  # WPO weights (dpo_use_weighting)
-        if with_entropy:
-            out["token_entropy"] = entropy.to(tok.dtype)
+        out.update({f"token_{k}": v.to(tok.dtype) for k, v in stat_values.items()})
         return out
 
 

@@ -70,6 +70,24 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
     }
 
 
+def _token_stat_metrics(policy: dict[str, torch.Tensor], n_pairs: int) -> Metrics:
+    """TRL 1.16 DPOTrainer's token metrics from the policy forward's `token_*` statistics (those present), means
+    over completion tokens: `entropy` (chosen and rejected), `logits/chosen`, `logits/rejected` (mean logit over
+    the vocabulary), `mean_token_accuracy` (chosen: arg-max = next token). Sequences < n_pairs are chosen."""
+    out: Metrics = {}
+    if not any(k in policy for k in ("token_entropy", "token_mean_logits", "token_is_top1")):
+        return out
+    chosen = policy["token_seq"] < n_pairs
+    if "token_entropy" in policy:
+        out["entropy"] = policy["token_entropy"].mean() if policy["token_entropy"].numel() else policy["logps"].new_tensor(NAN)
+    if "token_mean_logits" in policy:
+        out["logits/chosen"] = _masked_mean(policy["token_mean_logits"], chosen)
+        out["logits/rejected"] = _masked_mean(policy["token_mean_logits"], ~chosen)
+    if "token_is_top1" in policy:
+        out["mean_token_accuracy"] = _masked_mean(policy["token_is_top1"], chosen)
+    return out
+
+
 class RunningMean:
     """Cumulative mean of every value passed to `update` (over all processes when distributed).
 
@@ -124,6 +142,8 @@ class DPOObjective:
     discopop_tau: float = 0.05
     bco_running_mean: bool = True
     bco_state: RunningMean = field(default_factory=RunningMean)
+    # token statistics the policy forward should return, for TRL's `entropy`, `logits/*`, `mean_token_accuracy`
+    token_stats: tuple[str, ...] = ("entropy", "mean_logits", "is_top1")
 
     def state_dict(self) -> dict[str, Any]:
         """Running state to checkpoint (the bco_pair reward mean)."""
@@ -188,6 +208,7 @@ class DPOObjective:
             label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau, bco_delta=delta,
             pair_weights=pair_weights, sft_chosen=raw[:B])
         metrics = _pair_metrics(self.beta * (pc - rc), self.beta * (pr - rr), pc, pr)
+        metrics.update(_token_stat_metrics(policy, B))
         if "sft" in parts:
             metrics["nll_loss"] = dpo.chosen_nll(raw[:B].detach(), lengths[:B])
         return loss, metrics

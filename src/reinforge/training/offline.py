@@ -82,7 +82,9 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     spec = method(cfg.rl)
     resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
     reference = load_reference(cfg, policy) if spec.needs_reference else None
-    module = LogpsModel(policy, chunked=cfg.chunked_logprobs, log_sum_sq=bool(cfg.dpo_use_weighting))
+    objective = build_objective(cfg)
+    module = LogpsModel(policy, chunked=cfg.chunked_logprobs, log_sum_sq=bool(cfg.dpo_use_weighting),
+                        stats=getattr(objective, "token_stats", ()))
     collate = build_collator(cfg, spec.data, tokenizer.pad_token_id)
     if cfg.precompute_ref_log_probs:
         with accelerator.main_process_first():
@@ -98,7 +100,6 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     module, optimizer = accelerator.prepare(module, optimizer)
     if reference is not None and reference.model is not None:
         reference.model = prepare_frozen_model(accelerator, reference.model)
-    objective = build_objective(cfg)
     if hasattr(objective, "weighting_advice") and (advice := objective.weighting_advice(data.train)):
         log.warning(advice)
     run = RunControl(cfg, accelerator, out_dir, module=module, tokenizer=tokenizer, optimizer=optimizer,

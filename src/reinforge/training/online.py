@@ -121,7 +121,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                 n_items = rollout.loss_tokens * cfg.gradient_accumulation_steps / micro_per_rollout
                 sync = micro == cfg.gradient_accumulation_steps - 1
                 with accelerator.no_sync(module) if not sync else nullcontext(), accelerator.autocast():
-                    out = module(**layout(mb.batch), temperature=t.temperature, with_entropy=True)
+                    out = module(**layout(mb.batch), temperature=t.temperature, stats=("entropy",))
                     logps, entropy = per_token(out, mb.batch["n_tokens"]), per_token(out, mb.batch["n_tokens"], "token_entropy")
                     terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=t.epsilon, epsilon_high=eps_high,
                                                 old_per_token_logps=mb.old_logps, importance_sampling_level=t.importance_sampling_level,
