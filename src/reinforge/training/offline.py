@@ -39,7 +39,7 @@ def _step_outputs(module, reference, objective, batch) -> tuple[torch.Tensor, di
     ref = batch.get("ref_logps")
     if objective.needs_reference and ref is None:
         with reference.active(getattr(module, "module", module)) as ref_module:  # no DDP wrapper for the reference
-            out_ref = ref_module(**batch)
+            out_ref = ref_module(**batch, stats=())  # the policy's metric statistics are not needed here
             # LD-DPO needs the reference's per-token log-probs; every other objective its sums
             ref = ({k: v.detach() for k, v in out_ref.items()} if getattr(objective, "needs_reference_tokens", False)
                    else out_ref["logps"].detach())

@@ -6,7 +6,8 @@ surrogate (+ k3 KL when beta > 0), the chosen loss aggregation, and backward. Ge
 `generation_batch_size` completions per rollout over all processes (default micro_batch_size ×
 accumulation steps × processes), i.e. generation_batch_size / num_generations prompts, split into whole
 prompt groups per process. Rollouts are stored one row per completion; every forward sees them laid out per
-`prefix_sharing` / `sample_packing` (on by default: a prompt once for its completions in the micro-batch). Resume, non-finite steps, checkpoints and signals: `RunControl`.
+`prefix_sharing` / `sample_packing` (on by default: a prompt once for its completions in the micro-batch).
+Resume, non-finite steps, checkpoints and signals: `RunControl`.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def attach_reference_logps(rows: list[dict[str, Any]], ref_module, collate, batc
     loader = DataLoader(rows, batch_size=batch_size, collate_fn=collate)
     with torch.no_grad():
         for batch in tqdm(loader, desc="reference log-probs"):
-            logps = ref_module(**batch)["logps"].double().cpu()
+            logps = ref_module(**batch, stats=())["logps"].double().cpu()
             B = batch["n_pairs"]
             out.append(torch.stack([logps[:B], logps[B:]], dim=1))
     values = torch.cat(out)
