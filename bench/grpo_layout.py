@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     from reinforge.data.formats.strategies.reinforge_gsm8k import transform
     from reinforge.data.packing import UNLIMITED, relayout
     from reinforge.models.forward import LogpsModel
-    from reinforge.training.rollout import RolloutBatch, per_token
+    from reinforge.rollout.prepare import RolloutBatch, per_token
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=4)

@@ -72,7 +72,7 @@ def test_dpo_two_processes_equal_one(tmp_path, tiny_model_dir):
 
 
 ROLLOUT = '''
-from reinforge.generation import Rollout
+from reinforge.rollout import Completions
 
 
 def fixed(prompts, prompt_ids, generator, tokenizer, params):
@@ -81,7 +81,7 @@ def fixed(prompts, prompt_ids, generator, tokenizer, params):
     for ids in prompt_ids:
         for j in range(params.n):
             out.append([(sum(ids) * 7 + j * 131 + t * 17) % 5000 + 100 for t in range(5)])
-    return Rollout(completion_ids=out, truncated=[True] * len(out))
+    return Completions(completion_ids=out, truncated=[True] * len(out))
 
 
 def even_tokens(prompts, completions, completion_ids, **kwargs):

@@ -1,6 +1,6 @@
 """A run that crashes and is resumed computes what the uninterrupted run computes (DPO and GRPO); non-finite steps.
 
-The crash is simulated in-process by making the objective (DPO) or the rollout maker (GRPO) raise in the
+The crash is simulated in-process by making the objective (DPO) or the rollout producer (GRPO) raise in the
 middle of a later step, after a checkpoint was written; the resumed run (`resume_from_checkpoint=true`)
 must log the same losses as an uninterrupted run with the same config, to 1e-5 in float32.
 """
@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import reinforge.training.offline as offline
-import reinforge.training.rollout as rollout_mod
+import reinforge.rollout.producer as rollout_mod
 from reinforge.cli import main
 
 from conftest import DATA_DIR
@@ -131,7 +131,7 @@ def test_grpo_crash_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, 
     assert main(["train", str(grpo_config(tmp_path, "full", tiny_model_dir))]) == 0
     full = metrics(tmp_path / "full")
 
-    make = rollout_mod.RolloutMaker.make
+    make = rollout_mod.RolloutProducer.produce
     calls = {"n": 0}
 
     def crashing_make(self, *args, **kwargs):
@@ -140,11 +140,11 @@ def test_grpo_crash_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, 
             raise Crash("simulated crash")
         return make(self, *args, **kwargs)
 
-    monkeypatch.setattr(rollout_mod.RolloutMaker, "make", crashing_make)
+    monkeypatch.setattr(rollout_mod.RolloutProducer, "produce", crashing_make)
     cfg = grpo_config(tmp_path, "resumed", tiny_model_dir)
     with pytest.raises(Crash):
         main(["train", str(cfg)])
-    monkeypatch.setattr(rollout_mod.RolloutMaker, "make", make)
+    monkeypatch.setattr(rollout_mod.RolloutProducer, "produce", make)
     out = tmp_path / "resumed"
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     assert torch.load(out / "checkpoint-3" / "rank_0.pt", weights_only=False)["rollout"] is not None

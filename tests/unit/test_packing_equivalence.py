@@ -292,7 +292,7 @@ def test_grpo_micro_batches_shared_equal_padded(layout, loss_type, paired_rows, 
     from reinforge.algorithms.policy_gradient import grpo_per_token_loss
     from reinforge.data.collate import pad_sequences
     from reinforge.data.packing import relayout
-    from reinforge.training.rollout import RolloutBatch, per_token
+    from reinforge.rollout.prepare import RolloutBatch, per_token
 
     comps = [r[k] for r in paired_rows for k in ("chosen_ids", "rejected_ids")]
     seqs = [(paired_rows[0]["prompt_ids"] + c, len(paired_rows[0]["prompt_ids"])) for c in comps[:3]]

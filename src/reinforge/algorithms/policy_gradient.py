@@ -96,9 +96,11 @@ def grpo_per_token_loss(per_token_logps: torch.Tensor, advantages: torch.Tensor,
                         epsilon_low: float, epsilon_high: float,
                         old_per_token_logps: torch.Tensor | None = None,
                         importance_sampling_level: str = "token", beta: float = 0.0,
-                        ref_per_token_logps: torch.Tensor | None = None) -> PolicyLossTerms:
+                        ref_per_token_logps: torch.Tensor | None = None,
+                        sampler_weights: torch.Tensor | None = None) -> PolicyLossTerms:
     """GRPO per-token loss (arXiv 2402.03300 eq. 3, before averaging):
-    L_{i,t} = −min(r·Â_i, clip(r, 1−ε_low, 1+ε_high)·Â_i) + β·KL3_{i,t}.
+    L_{i,t} = −ρ_{i,t}·min(r·Â_i, clip(r, 1−ε_low, 1+ε_high)·Â_i) + β·KL3_{i,t}
+    (ρ = 1 unless `sampler_weights` are given).
 
     Args:
         per_token_logps: [B, T] current-policy log-probs (with gradient).
@@ -113,19 +115,24 @@ def grpo_per_token_loss(per_token_logps: torch.Tensor, advantages: torch.Tensor,
         importance_sampling_level: "token" or "sequence" (GSPO, arXiv 2507.18071).
         beta: KL coefficient; 0 disables the KL term (no reference needed).
         ref_per_token_logps: [B, T] reference log-probs; required when beta > 0.
+        sampler_weights: [B, T] or [B, 1] importance weights π_old/μ of a rollout sampled by another engine
+            (`importance_sampling.sampler_importance_weights`, no gradient), multiplying the clipped
+            surrogate before the KL term is added (TRL 1.16's order); None: no correction.
     Returns:
         PolicyLossTerms(per_token_loss, ratio, per_token_kl).
     Raises:
         ValueError: beta > 0 without reference log-probs, or an unknown level.
 
     Deviations: the KL term is added per token after clipping, as TRL 1.16 does (the paper's
-    eq. 3 has the same form); TRL's optional `use_bias_correction_kl`, `delta` (two-sided clip) and
-    vLLM importance-sampling correction are not implemented.
+    eq. 3 has the same form); TRL's optional `use_bias_correction_kl` and `delta` (two-sided clip) are
+    not implemented.
     """
     if old_per_token_logps is None:
         old_per_token_logps = per_token_logps.detach()
     log_w = log_importance_weights(per_token_logps, old_per_token_logps, mask, importance_sampling_level)
     per_token_loss = clipped_surrogate_loss(log_w, advantages, epsilon_low, epsilon_high)
+    if sampler_weights is not None:
+        per_token_loss = per_token_loss * sampler_weights.detach()
     kl = None
     if beta != 0.0:
         if ref_per_token_logps is None:

@@ -12,13 +12,24 @@ class MethodSpec:
 
     data: the record kind it trains on (paired chosen/rejected, unpaired labelled, prompt-only).
     needs_reference: whether reference log-probs enter the loss (False: no reference is loaded).
-    online: whether completions are generated during training.
+    online: whether completions are generated during training (the online loop trains it).
+    objective: the online objective the loop builds (`reinforge.training.online_objective.ONLINE_OBJECTIVES`),
+        None for offline methods.
+    packing: whether packing / prefix sharing apply to its batches.
+    aggregation: the multi-reward aggregation the method implies (None: `trl.multi_objective_aggregation`).
+    implemented: False for a method the config names but reinforge cannot train yet (a config error, never
+        another method's loop); note: why, shown in that error.
     """
 
     name: str
     data: Literal["paired", "unpaired", "prompt"]
     needs_reference: bool
     online: bool
+    objective: str | None = None
+    packing: bool = True
+    aggregation: str | None = None
+    implemented: bool = True
+    note: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -27,9 +38,11 @@ METHODS: dict[str, MethodSpec] = {
     "kto": MethodSpec("kto", "unpaired", needs_reference=True, online=False),
     "orpo": MethodSpec("orpo", "paired", needs_reference=False, online=False),
     "simpo": MethodSpec("simpo", "paired", needs_reference=False, online=False),
-    "grpo": MethodSpec("grpo", "prompt", needs_reference=True, online=True),
-    "gdpo": MethodSpec("gdpo", "prompt", needs_reference=True, online=True),
-    "ebft": MethodSpec("ebft", "prompt", needs_reference=False, online=True),
+    "grpo": MethodSpec("grpo", "prompt", needs_reference=True, online=True, objective="policy_gradient"),
+    "gdpo": MethodSpec("gdpo", "prompt", needs_reference=True, online=True, objective="policy_gradient",
+                       aggregation="normalize_then_sum"),
+    "ebft": MethodSpec("ebft", "prompt", needs_reference=False, online=True, objective=None, packing=False,
+                       implemented=False, note="EBFT feature-matching fine-tuning is planned, not built"),
 }
 
 
@@ -38,3 +51,8 @@ def method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def packing_methods() -> tuple[str, ...]:
+    """Names of the methods whose batches packing and prefix sharing apply to."""
+    return tuple(name for name, spec in METHODS.items() if spec.packing)

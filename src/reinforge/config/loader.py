@@ -131,11 +131,14 @@ def build_config(data: dict[str, Any], source: str = "<config>") -> ReinforgeCon
 
 def _apply_method_defaults(data: dict[str, Any]) -> dict[str, Any]:
     """Defaults that depend on `rl` (e.g. GDPO's normalize_then_sum) — applied before validation."""
-    if data.get("rl") == "gdpo":
+    from reinforge.algorithms.registry import METHODS
+
+    spec = METHODS.get(data.get("rl"))
+    if spec is not None and spec.aggregation:
         trl = dict(data.get("trl") or {})
-        if trl.get("multi_objective_aggregation", "normalize_then_sum") != "normalize_then_sum":
-            raise ConfigError("rl: gdpo means trl.multi_objective_aggregation: normalize_then_sum")
-        trl["multi_objective_aggregation"] = "normalize_then_sum"
+        if trl.get("multi_objective_aggregation", spec.aggregation) != spec.aggregation:
+            raise ConfigError(f"rl: {spec.name} means trl.multi_objective_aggregation: {spec.aggregation}")
+        trl["multi_objective_aggregation"] = spec.aggregation
         data = {**data, "trl": trl}
     return data
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PACKING_METHODS = ("dpo", "ipo", "kto", "orpo", "simpo", "grpo", "gdpo")
+from reinforge.algorithms.registry import packing_methods  # noqa: E402
+
+PACKING_METHODS = packing_methods()
 
 
 class PerformanceKeys(BaseModel):

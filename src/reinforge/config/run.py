@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reinforge.algorithms.registry import method
+
 # Axolotl's `fsdp:` list items (HF TrainingArguments' names) → accelerate FullyShardedDataParallelPlugin kwargs.
 FSDP_OPTIONS: dict[str, dict[str, Any]] = {
     "full_shard": {"sharding_strategy": "FULL_SHARD"},
@@ -197,7 +199,7 @@ class RunKeys(BaseModel):
             raise ValueError("fsdp: false but fsdp_config is set; remove one")
         fsdp_plugin_kwargs(self.fsdp, self.fsdp_config)  # unknown options are errors now, not at launch
         rl = getattr(self, "rl", None)
-        if rl in ("grpo", "gdpo", "ebft") and (self.fsdp_enabled or _zero_stage(self.deepspeed_dict) == 3):
+        if rl is not None and method(rl).online and (self.fsdp_enabled or _zero_stage(self.deepspeed_dict) == 3):
             raise ValueError(f"rl: {rl} generates with the policy in-process, which needs whole (not sharded) weights: "
                              "FSDP and DeepSpeed ZeRO-3 are not supported for online methods yet; use ZeRO-1/2 or "
                              "plain data parallelism")

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RLMethod = Literal["dpo", "ipo", "kto", "orpo", "simpo", "grpo", "gdpo", "ebft"]
+from reinforge.algorithms.registry import METHODS, method
+
+RLMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
 class StrictModel(BaseModel):
@@ -52,7 +54,10 @@ class DatasetConfig(StrictModel):
     remove_columns: str | list[str] | None = Field(default=None, description="Columns to drop after a `module.fn` transform; `__all__` drops all original columns.")
 
 
-class TRLConfig(StrictModel):
+from reinforge.config.vllm import VLLMServerConfig, VLLMTrainerKeys  # noqa: E402
+
+
+class TRLConfig(VLLMTrainerKeys, StrictModel):
     """The `trl:` section (Axolotl/TRL names): online RL (GRPO/GDPO) settings and shared knobs."""
 
     beta: float | None = Field(default=None, ge=0.0, description="KL coefficient for GRPO (0: no reference model); for DPO-family an alias of `rl_beta`.")
@@ -84,7 +89,6 @@ class TRLConfig(StrictModel):
     rollout_func: str | None = Field(default=None, description="`module.fn` that replaces generation.")
     reward_num_workers: int = Field(default=1, ge=1, description="Processes scoring rewards (>1: a subprocess pool).")
     reward_timeout: float | None = Field(default=None, gt=0.0, description="Per-call timeout (s) for reward functions in the worker pool.")
-    use_vllm: bool = Field(default=False, description="Generate through a vLLM server instead of in-process.")
 
 
 from reinforge.config.performance import PerformanceKeys  # noqa: E402
@@ -115,6 +119,7 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
     rl: RLMethod = Field(description="Training method: dpo, ipo, kto, orpo, simpo, grpo, gdpo or ebft.")
     rl_beta: float | None = Field(default=None, gt=0.0, description="Temperature β of the preference loss (default 0.1; SimPO 2.0).")
     trl: TRLConfig = Field(default_factory=TRLConfig, description="TRL-style settings (online RL and shared knobs).")
+    vllm: VLLMServerConfig = Field(default_factory=VLLMServerConfig, description="The vLLM server `reinforge vllm-serve` starts (Axolotl's `vllm:` keys).")
 
     # --- data ---
     datasets: list[DatasetConfig] = Field(min_length=1, description="Training datasets, mixed in order.")
@@ -187,12 +192,16 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
             raise ValueError("chat_template: jinja needs chat_template_jinja")
         if self.chat_template_jinja and self.chat_template not in (None, "jinja"):
             raise ValueError("chat_template_jinja is used only with chat_template: jinja")
+        spec = method(self.rl)
+        if not spec.implemented:
+            raise ValueError(f"rl: {self.rl} is not implemented yet ({spec.note}); it is refused rather than run as "
+                             f"another method")
         if self.precompute_ref_log_probs and self.rl not in ("dpo", "ipo"):
             raise ValueError(f"precompute_ref_log_probs is supported for rl: dpo and ipo (paired methods with a "
                              f"reference), not rl: {self.rl}")
-        if self.rl in ("grpo", "gdpo"):
+        if spec.online:
             self._check_online()
-        if self.rl in ("dpo", "ipo", "kto", "orpo", "simpo"):
+        else:
             if self.rl_beta is not None and self.trl.beta is not None and self.rl_beta != self.trl.beta:
                 raise ValueError(f"rl_beta={self.rl_beta} and trl.beta={self.trl.beta} disagree; set one")
         return self
@@ -214,6 +223,14 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
                              f"trl.num_generations ({t.num_generations})")
         if size % self.micro_batch_size:
             raise ValueError(f"trl.generation_batch_size ({size}) must be divisible by micro_batch_size ({self.micro_batch_size})")
+        if t.vllm_lora_sync and not self.adapter:
+            raise ValueError("trl.vllm_lora_sync syncs a LoRA adapter, but this config trains all weights (no adapter); "
+                             "remove vllm_lora_sync (full weights are synced)")
+
+    @property
+    def lora_sync(self) -> bool:
+        """Whether a vLLM server gets the adapter (runtime LoRA) rather than merged full weights."""
+        return bool(self.adapter) and self.trl.vllm_lora_sync is not False
 
     @property
     def beta(self) -> float:

@@ -22,14 +22,12 @@ from reinforge.data import cache
 from reinforge.data.errors import DataError, RowError
 from reinforge.data.formats import Format, check_record, detect, get_format, resolve
 from reinforge.data.sources import fingerprint, load_source, source_name
+from reinforge.algorithms.registry import METHODS
 from reinforge.data.tokenize import RecordError, TokenizeStats, tokenize_records
 
 log = logging.getLogger(__name__)
 
-KIND_OF_METHOD = {
-    "dpo": "paired", "ipo": "paired", "orpo": "paired", "simpo": "paired",
-    "kto": "unpaired", "grpo": "prompt", "gdpo": "prompt", "ebft": "prompt",
-}
+KIND_OF_METHOD = {name: spec.data for name, spec in METHODS.items()}
 
 
 @dataclass

@@ -16,26 +16,27 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from reinforge.algorithms.aggregation import aggregate_loss
-from reinforge.algorithms.policy_gradient import clip_ratio_metrics, grpo_per_token_loss, masked_mean
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.data.packing import batch_layout
-from reinforge.generation.base import SamplingParams
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_reference
-from reinforge.rewards import RewardPool, load_reward_funcs, score
+from reinforge.rewards import RewardPool, load_reward_funcs
+from reinforge.rollout.factory import build_backend, build_preparer, build_producer
+from reinforge.rollout.prepare import RolloutBatch
+from reinforge.rollout.stream import RolloutStream
+from reinforge.rollout.vllm import VLLMError
 from reinforge.training.distributed import (BatchPlan, launched_world_size, loss_for_backward,
                                             prepare_frozen_model)
 from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
-from reinforge.training.rollout import RolloutBatch, RolloutMaker, RolloutStream, per_token
+from reinforge.training.online_objective import build_online_objective
 from reinforge.training.setup import RunError, start_run
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,22 @@ def _prompts_per_process(cfg: ReinforgeConfig, world_size: int) -> int:
 
 
 def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
-    """Train GRPO/GDPO end to end; returns the run summary."""
+    """Train an online method (GRPO/GDPO) end to end; returns the run summary."""
     t = cfg.trl
     resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
     beta = t.beta or 0.0
     reference = load_reference(cfg, policy) if beta > 0 else None
     module = LogpsModel(policy, chunked=cfg.chunked_logprobs)
     layout = batch_layout(cfg, tokenizer.pad_token_id)  # the completions of a prompt share it (prefix_sharing)
+    objective = build_online_objective(cfg)
     funcs = load_reward_funcs(t.reward_funcs or [])
     pool = RewardPool(funcs, t.reward_num_workers) if t.reward_num_workers > 1 or t.reward_timeout else None
-    maker = _rollout_maker(cfg, policy, tokenizer, funcs, pool)
+    try:
+        backend, weight_sync, close_backend = build_backend(cfg, policy, tokenizer, out_dir, accelerator.is_main_process)
+    except VLLMError as exc:
+        raise RunError(str(exc)) from None
+    producer = build_producer(cfg, policy, tokenizer, backend, funcs, pool)
+    preparer = build_preparer(cfg, tokenizer, len(funcs))
     try:
         plan = BatchPlan(len(data.train), _prompts_per_process(cfg, accelerator.num_processes), accelerator.process_index,
                          accelerator.num_processes, cfg.seed, drop_last=True)
@@ -96,6 +103,25 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         with reference.active(unwrapped) as ref_module:
             return ref_module(**layout(batch), temperature=t.temperature)
 
+    synced: dict[str, int | None] = {"version": None}
+
+    def before_produce() -> int:
+        """Sync the backend's weights when due (every vllm_sync_interval steps, and before the first rollout of a
+        run); returns the version the next rollout samples from."""
+        if not weight_sync.needed:
+            return run.step
+        last = synced["version"]
+        if last is None or run.step - last >= t.vllm_sync_interval:
+            t0 = time.perf_counter()
+            if accelerator.is_main_process:
+                weight_sync.push(run.model, run.step)
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                weight_sync.push(run.model, run.step)
+            synced["version"] = run.step
+            rollout_metrics.add({"time/weight_sync": time.perf_counter() - t0})
+        return synced["version"]
+
     rollout_metrics = MetricsAccumulator.from_state(saved.get("rollout_metrics"))
 
     def on_rollout(r: RolloutBatch) -> None:
@@ -103,38 +129,32 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         if t.log_completions and accelerator.is_main_process:
             _log_completions(r, out_dir, t.num_completions_to_print)
 
-    stream = RolloutStream(plan, data.train, maker, cfg.micro_batch_size, t.num_iterations, cfg.seed,
-                           policy_fn if t.num_iterations > 1 else None, ref_fn if beta > 0 else None, on_rollout,
-                           position=saved.get("position"), state=saved.get("rollout"))
-    eps_high = t.epsilon_high if t.epsilon_high is not None else t.epsilon
+    stream = RolloutStream(plan, data.train, producer, preparer, cfg.micro_batch_size, t.num_iterations, cfg.seed,
+                           policy_fn, ref_fn if beta > 0 else None, on_rollout, old_always=t.num_iterations > 1,
+                           before_produce=before_produce, position=saved.get("position"), state=saved.get("rollout"))
     params_list = [p for p in module.parameters() if p.requires_grad]
-    log.info("%s: %d prompts, %d steps; %d prompts × %d generations per rollout on each of %d processes; loss %s; "
+    log.info("%s: %d prompts, %d steps; %d prompts × %d generations per rollout on each of %d processes (%s); loss %s; "
              "beta %g", cfg.rl, len(data.train), total_steps, plan.per_process, t.num_generations,
-             accelerator.num_processes, t.loss_type, beta)
+             accelerator.num_processes, backend.name, t.loss_type, beta)
     bar = tqdm(range(run.step + 1, total_steps + 1), desc=cfg.rl, initial=run.step, total=total_steps,
                disable=not accelerator.is_main_process)
     acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
-    with run.stop, pool or nullcontext():  # the reward workers stop however the loop ends
+    with run.stop, pool or nullcontext(), _closing(close_backend):  # workers and connections end however the loop ends
         for step in bar:
             step_acc, losses, consumed = MetricsAccumulator(), [], stream.consumed
             for micro in range(cfg.gradient_accumulation_steps):
-                rollout, mb = next(stream)
+                try:
+                    rollout, mb = next(stream)
+                except VLLMError as exc:
+                    _stop_on_server_error(run, step, micro, stream, exc, _loop_state(acc, stream, rollout_metrics))
                 n_items = rollout.loss_tokens * cfg.gradient_accumulation_steps / micro_per_rollout
                 sync = micro == cfg.gradient_accumulation_steps - 1
                 with accelerator.no_sync(module) if not sync else nullcontext(), accelerator.autocast():
-                    out = module(**layout(mb.batch), temperature=t.temperature, stats=("entropy",))
-                    logps, entropy = per_token(out, mb.batch["n_tokens"]), per_token(out, mb.batch["n_tokens"], "token_entropy")
-                    terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=t.epsilon, epsilon_high=eps_high,
-                                                old_per_token_logps=mb.old_logps, importance_sampling_level=t.importance_sampling_level,
-                                                beta=beta, ref_per_token_logps=mb.ref_logps)
-                    loss = aggregate_loss(terms.per_token_loss, mb.mask, t.loss_type, max_completion_length=t.max_completion_length,
-                                          num_items_in_batch=n_items, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                    out = module(**layout(mb.batch), temperature=t.temperature, stats=objective.stats)
+                    loss, micro_metrics = objective(out, mb, n_items)
                     accelerator.backward(loss_for_backward(loss, accelerator, cfg.gradient_accumulation_steps))
                 losses.append(loss.detach())
-                step_acc.add({"loss": loss.detach() * cfg.gradient_accumulation_steps, "entropy": masked_mean(entropy, mb.mask)})
-                step_acc.add(clip_ratio_metrics(terms.ratio, mb.advantages, mb.mask, t.epsilon, eps_high))
-                if terms.per_token_kl is not None:
-                    step_acc.add({"kl": masked_mean(terms.per_token_kl, mb.mask)})
+                step_acc.add(micro_metrics)
             if (grad_norm := run.optimizer_step(step, losses, params_list, stream.current_rows())) is not None:
                 step_acc.add({"grad_norm": grad_norm})
                 acc.merge(step_acc)
@@ -146,28 +166,38 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                 bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}")
                 acc, rollout_metrics, t0 = MetricsAccumulator(), MetricsAccumulator(), time.perf_counter()
             epoch_done = plan.epoch_of(stream.consumed) > plan.epoch_of(consumed)
-            run.end_step(step, stream.position, epoch_done, {"metrics": acc.state_dict(), "rollout": stream.state(),
-                                                             "rollout_metrics": rollout_metrics.state_dict()})
+            run.end_step(step, stream.position, epoch_done, _loop_state(acc, stream, rollout_metrics))
     run.save_final()
     accelerator.end_training()
     return run.summary(writer.history, data.stats)
 
 
-def _rollout_maker(cfg: ReinforgeConfig, policy, tokenizer, funcs, pool) -> RolloutMaker:
-    """The RolloutMaker of the config: in-process generation (or the user's rollout_func), reward scoring."""
-    from reinforge.generation.factory import build_generator, load_rollout_func
+def _loop_state(acc: MetricsAccumulator, stream: RolloutStream, rollout_metrics: MetricsAccumulator) -> dict[str, Any]:
+    return {"metrics": acc.state_dict(), "rollout": stream.state(), "rollout_metrics": rollout_metrics.state_dict()}
 
-    t = cfg.trl
-    params = SamplingParams(n=t.num_generations, max_new_tokens=t.max_completion_length, temperature=t.temperature,
-                            top_p=t.top_p, top_k=t.top_k, min_p=t.min_p, repetition_penalty=t.repetition_penalty,
-                            extra=t.generation_kwargs or {})
-    return RolloutMaker(tokenizer, build_generator(cfg, policy, tokenizer), funcs, [f.name for f in funcs],
-                        t.reward_weights or [1.0] * len(funcs), params, scale_rewards=t.scale_rewards,
-                        aggregation=t.multi_objective_aggregation,
-                        score_fn=lambda fs, p, c, ids, cols: score(fs, p, c, cols, timeout=t.reward_timeout,
-                                                                   completion_ids=ids, pool=pool),
-                        chat_kwargs=t.chat_template_kwargs, max_prompt_length=t.max_prompt_length,
-                        mask_truncated=t.mask_truncated_completions, rollout_func=load_rollout_func(t.rollout_func))
+
+def _stop_on_server_error(run: RunControl, step: int, micro: int, stream: RolloutStream, exc: Exception,
+                          state: dict[str, Any]) -> None:
+    """The generation server failed while a rollout for `step` was produced. When no micro-batch of this step
+    has run, the stream is still where step - 1 ended: checkpoint it (resumable exactly) and stop with the
+    server's error. Raises RunError."""
+    where = "no checkpoint written (the failure came in the middle of an accumulation step; the latest " \
+            "checkpoint in output_dir resumes)"
+    if step > 1 and micro == 0:
+        path = run.save(step - 1, stream.position, state)
+        where = f"checkpoint of step {step - 1} written to {path}; fix the server and resume with resume_from_checkpoint=true"
+    elif step == 1 and micro == 0:
+        where = "no step had completed, nothing to resume"
+    raise RunError(f"generation failed at step {step}: {exc}\n{where}")
+
+
+@contextmanager
+def _closing(close):
+    try:
+        yield
+    finally:
+        if close is not None:
+            close()
 
 
 def _log_completions(rollout: RolloutBatch, out_dir, n_print: int | None) -> None:

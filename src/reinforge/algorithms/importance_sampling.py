@@ -1,0 +1,95 @@
+"""Importance-sampling correction for the sampler/trainer mismatch (vLLM sampling, trainer scoring).
+
+The completions of a rollout are sampled by an inference engine (vLLM) whose log-probs differ from the
+trainer's own for the same weights (other kernels, precision, a stale weight version). The policy-gradient
+estimate is an expectation under the trainer's old policy π_old, but the samples come from the sampler μ, so
+each token's surrogate term is re-weighted by ρ = π_old / μ, truncated or masked for variance
+("truncated importance sampling", Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+Off-Policy RL Training", fengyao.notion.site/off-policy-rl; the sequence variants follow TRL 1.16's
+`vllm_importance_sampling_mode`). Shapes: B completions × T completion positions, right-padded; `mask`
+[B, T] is 1 on the tokens in the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+class SamplerCorrection(NamedTuple):
+    """Output of `sampler_importance_weights`.
+
+    weights: [B, T] (token modes) or [B, 1] (sequence modes), no gradient; multiply the per-token
+        policy-gradient term by it.
+    log_diff: [B, T] log π_old − log μ on the masked tokens (0 elsewhere and where μ is unknown).
+    """
+
+    weights: torch.Tensor
+    log_diff: torch.Tensor
+
+
+def sampler_importance_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, *,
+                               mode: str, cap_max: float | None, cap_min: float | None = None) -> SamplerCorrection:
+    """Importance weights ρ = π_old / μ of sampled tokens, truncated or masked.
+
+    Token modes: ρ_{i,t} = exp(log π_old(o_t) − log μ(o_t)). Sequence modes: one ρ_i = exp(Σ_t mask·(log π_old −
+    log μ)) per completion (the sequence likelihood ratio, not length-normalised, as TRL 1.16).
+    `*_truncate`: ρ clamped to [cap_min, cap_max] (a None bound is open). `*_mask`: ρ set to 0 outside
+    [cap_min, cap_max] and kept as is inside (Axolotl's token mask leaves masked tokens at 1/cap; here a
+    masked token contributes nothing, as TRL 1.16).
+
+    Args:
+        old_logps: [B, T] trainer log-probs of the sampled tokens under the weights that sampled them (no grad).
+        sampler_logps: [B, T] the sampler's log-probs of the same tokens; NaN where the sampler gave none
+            (treated as no correction: difference 0, as TRL 1.16).
+        mask: [B, T] 1 on loss tokens.
+        mode: one of IS_MODES.
+        cap_max: upper bound C_max (> 0) or None; cap_min: lower bound C_min (≥ 0) or None.
+    Returns:
+        SamplerCorrection(weights [B, T] or [B, 1], log_diff [B, T]).
+    Raises:
+        ValueError: unknown mode, or cap_min > cap_max.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"importance sampling mode must be one of {', '.join(IS_MODES)}; got {mode!r}")
+    if cap_min is not None and cap_max is not None and cap_min > cap_max:
+        raise ValueError(f"cap_min ({cap_min}) > cap_max ({cap_max})")
+    m = mask.to(old_logps.dtype)
+    log_diff = torch.nan_to_num((old_logps.detach() - sampler_logps) * m, nan=0.0)
+    log_ratio = log_diff.sum(-1, keepdim=True) if mode.startswith("sequence") else log_diff
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        weights = torch.clamp(ratio, min=cap_min, max=cap_max)
+    else:
+        low = -math.inf if cap_min is None else cap_min
+        high = math.inf if cap_max is None else cap_max
+        weights = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    return SamplerCorrection(weights, log_diff)
+
+
+def sampler_metrics(correction: SamplerCorrection, old_logps: torch.Tensor, sampler_logps: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL 1.16's sampling metrics of one rollout: `sampling/sampling_logp_difference/mean|max` (|log π_old −
+    log μ| over loss tokens with a known μ) and `sampling/importance_sampling_ratio/min|mean|max` (over loss
+    tokens, or over completions for sequence weights). Empty selections give 0, as TRL. 0-d tensors."""
+    keep = mask.bool()
+    delta = (old_logps.detach() - sampler_logps).abs()
+    delta = delta[keep & ~torch.isnan(delta)]
+    w = correction.weights
+    flat = w.flatten() if w.shape[-1] == 1 and mask.shape[-1] != 1 else w[keep]
+    zero = old_logps.new_zeros(())
+
+    def reduce(x, op):
+        return op(x) if x.numel() else zero
+
+    return {
+        "sampling/sampling_logp_difference/mean": reduce(delta, torch.mean),
+        "sampling/sampling_logp_difference/max": reduce(delta, torch.max),
+        "sampling/importance_sampling_ratio/min": reduce(flat, torch.min),
+        "sampling/importance_sampling_ratio/mean": reduce(flat, torch.mean),
+        "sampling/importance_sampling_ratio/max": reduce(flat, torch.max),
+    }

@@ -1,0 +1,119 @@
+"""From the config to the rollout layer's parts: generation backend, weight sync, producer, preparer."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from reinforge.config.schema import ReinforgeConfig
+from reinforge.rollout.inprocess import InProcessBackend
+from reinforge.rollout.prepare import RolloutPreparer, SamplerCorrectionSpec
+from reinforge.rollout.producer import RolloutProducer
+from reinforge.rollout.sync import FullWeightSync, LoraFileSync, SharedWeights
+from reinforge.rollout.types import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def import_object(spec: str) -> Callable:
+    """`module.fn` → the object, importing from the working directory first. Raises ImportError naming `spec`."""
+    module_name, _, attr = spec.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{spec!r} is not of the form module.fn")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import module {module_name!r} for {spec!r}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r} (from {spec!r})")
+    return getattr(module, attr)
+
+
+def eos_token_ids(policy, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any extra EOS ids of the model's generation config."""
+    eos = [tokenizer.eos_token_id]
+    extra = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    for e in extra if isinstance(extra, list) else [extra]:
+        if e is not None and e not in eos:
+            eos.append(e)
+    return eos
+
+
+def sampling_params(cfg: ReinforgeConfig) -> SamplingParams:
+    """The `trl:` sampling keys as SamplingParams (n = num_generations)."""
+    t = cfg.trl
+    return SamplingParams(n=t.num_generations, max_new_tokens=t.max_completion_length, temperature=t.temperature,
+                          top_p=t.top_p, top_k=t.top_k, min_p=t.min_p, repetition_penalty=t.repetition_penalty,
+                          extra=t.generation_kwargs or {})
+
+
+def build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_main: bool = True):
+    """(backend, weight sync, closer) for the config: in-process generation on the policy, or a vLLM server
+    (waited for up to `trl.vllm_server_timeout`; VLLMError naming the URL when it never answers). With several
+    processes every process talks to the server (each sends its own prompts); only the main process syncs."""
+    t = cfg.trl
+    if not t.use_vllm:
+        return InProcessBackend(policy, tokenizer.pad_token_id, eos_token_ids(policy, tokenizer)), SharedWeights(), None
+    from reinforge.rollout.vllm import VLLMClient, VLLMServerBackend
+
+    client = VLLMClient(t.server_url, timeout=t.vllm_server_timeout, api_key=cfg.vllm.api_key)
+    model_id = client.wait_until_ready()
+    log.info("vLLM server at %s serves %s", client.base_url, model_id)
+    directory = Path(t.vllm_sync_dir) if t.vllm_sync_dir else _default_sync_dir(out_dir)
+    sync = (LoraFileSync if cfg.lora_sync else FullWeightSync)(client, directory)
+    if not is_main:
+        sync = _FollowerSync(client, cfg.lora_sync)
+    return VLLMServerBackend(client), sync, client.close
+
+
+class _FollowerSync:
+    """A non-main process of a multi-process run: the main process moves the weights; this one only samples
+    from the version the main process loaded (same adapter name)."""
+
+    needed = True
+
+    def __init__(self, client, lora: bool):
+        self.client, self.lora = client, lora
+
+    def push(self, model: Any, version: int) -> None:
+        self.client.model = f"reinforge-v{version}" if self.lora else self.client.base_model
+
+
+def _default_sync_dir(out_dir: Path) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="reinforge-sync-", dir=shm))
+    return out_dir / "vllm_sync"
+
+
+def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool) -> RolloutProducer:
+    """The RolloutProducer of the config: backend (or the user's rollout_func), reward scoring."""
+    from reinforge.rewards import score
+    from reinforge.rollout.functions import load_rollout_function
+
+    t = cfg.trl
+    return RolloutProducer(
+        tokenizer, backend, [f.name for f in funcs], sampling_params(cfg),
+        lambda p, c, ids, cols: score(funcs, p, c, cols, timeout=t.reward_timeout, completion_ids=ids, pool=pool),
+        chat_kwargs=t.chat_template_kwargs, max_prompt_length=t.max_prompt_length,
+        rollout_fn=load_rollout_function(t.rollout_func), model=policy, eos_token_id=tokenizer.eos_token_id)
+
+
+def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int) -> RolloutPreparer:
+    """The RolloutPreparer of the config (sampler correction on with vLLM unless switched off)."""
+    t = cfg.trl
+    correction = None
+    if t.use_vllm and t.vllm_importance_sampling_correction:
+        correction = SamplerCorrectionSpec(t.vllm_importance_sampling_mode, t.importance_sampling_cap,
+                                           t.vllm_importance_sampling_clip_min)
+    return RolloutPreparer(tokenizer.pad_token_id, t.reward_weights or [1.0] * n_funcs, scale_rewards=t.scale_rewards,
+                           aggregation=t.multi_objective_aggregation, mask_truncated=t.mask_truncated_completions,
+                           correction=correction)

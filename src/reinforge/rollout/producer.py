@@ -1,0 +1,94 @@
+"""The rollout producer: dataset rows → generated, decoded and scored completions (a `Rollout`).
+
+It only generates and scores: no collectives, no change to the training module, no global RNG (sampling
+is seeded per rollout through the backend), so with a thread-safe backend (a vLLM server) and a reinforge-form
+or no rollout function it can run in a background thread unchanged (`thread_safe`). The cross-process part
+(gathering rewards, advantages) and the no-grad forwards happen afterwards on the main thread
+(`reinforge.rollout.prepare`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from reinforge.rewards import format_completions
+from reinforge.rollout.functions import RolloutFunction
+from reinforge.rollout.types import Completions, Rollout, SamplingParams
+
+
+class RolloutProducer:
+    """Builds `Rollout`s; every dependency is passed in explicitly.
+
+    Args:
+        tokenizer: renders (chat template) and tokenises prompts, decodes completions.
+        backend: generation backend (`generate(prompt_ids, params, seed) -> Completions`, `thread_safe`).
+        reward_names: K names; score_fn: (prompts, completions, completion_ids, columns) → [N, K] tensor.
+        params: sampling settings (n = num_generations).
+        chat_kwargs: extra apply_chat_template arguments; max_prompt_length: keep a prompt's last tokens.
+        rollout_fn: a user's RolloutFunction replacing generation (None: the backend).
+        model: the policy module, handed only to rollout functions of the forms that take it.
+        eos_token_id: the EOS id (for rollout functions returning strings).
+    """
+
+    def __init__(self, tokenizer, backend, reward_names: list[str], params: SamplingParams, score_fn: Callable, *,
+                 chat_kwargs: dict[str, Any] | None = None, max_prompt_length: int | None = None,
+                 rollout_fn: RolloutFunction | None = None, model: Any = None, eos_token_id: int | None = None):
+        self.tokenizer, self.backend, self.params = tokenizer, backend, params
+        self.reward_names, self.score_fn = reward_names, score_fn
+        self.chat_kwargs, self.max_prompt_length = chat_kwargs or {}, max_prompt_length
+        self.rollout_fn, self.model = rollout_fn, model
+        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+
+    @property
+    def thread_safe(self) -> bool:
+        """Whether `produce` may run off the main thread (backend and rollout function both allow it)."""
+        return bool(self.backend.thread_safe and (self.rollout_fn is None or self.rollout_fn.thread_safe))
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """Render (chat template with generation prompt) and tokenise a prompt; keep its end if too long."""
+        text = prompt if isinstance(prompt, str) else self.tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True, **self.chat_kwargs)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.max_prompt_length and len(ids) > self.max_prompt_length:
+            ids = ids[-self.max_prompt_length:]
+        return ids
+
+    def produce(self, rows: list[dict[str, Any]], seed: int | None, version: int) -> Rollout:
+        """Generate G completions for each of the P rows, decode and score them.
+
+        Args:
+            rows: P dataset rows ({"prompt", ...extra columns}).
+            seed: sampling seed of this rollout (None: unseeded).
+            version: optimiser steps of the weights the backend samples from (recorded in the Rollout).
+        Raises:
+            RewardFunctionError, VLLMError, TypeError/ValueError from a rollout function.
+        """
+        G = self.params.n
+        prompt_ids = [self.prompt_ids(r["prompt"]) for r in rows]
+        t0 = time.perf_counter()
+        if self.rollout_fn is None:
+            out = self.backend.generate(prompt_ids, self.params, seed).check(len(rows) * G, f"{self.backend.name} backend")
+        else:
+            out = self.rollout_fn(rows, prompt_ids, backend=self.backend, tokenizer=self.tokenizer, params=self.params,
+                                  model=self.model, eos_token_id=self.eos_token_id, seed=seed)
+        t_gen = time.perf_counter() - t0
+        expanded = out.prompt_ids or [p for p in prompt_ids for _ in range(G)]
+        texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        completions = format_completions(prompts, texts)
+        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+        columns.update(out.extra)
+        columns["completion_truncated"] = list(out.truncated)
+        columns["max_completion_length"] = [self.params.max_new_tokens] * len(texts)
+        t0 = time.perf_counter()
+        rewards = self.score_fn(prompts, completions, out.completion_ids, columns)
+        t_score = time.perf_counter() - t0
+        return Rollout(rows=list(rows), prompt_ids=expanded, completion_ids=out.completion_ids,
+                       loss_mask=out.loss_mask or [[1] * len(c) for c in out.completion_ids],
+                       sampler_logps=out.logprobs, truncated=list(out.truncated), texts=texts, rewards=rewards,
+                       reward_names=list(self.reward_names), policy_version=version, num_generations=G,
+                       timings={"generation": t_gen, "scoring": t_score})
+
+
+__all__ = ["Completions", "RolloutProducer"]
