@@ -63,7 +63,7 @@ def sampler_importance_weights(old_logps: torch.Tensor, sampler_logps: torch.Ten
     log_ratio = log_diff.sum(-1, keepdim=True) if mode.startswith("sequence") else log_diff
     ratio = torch.exp(log_ratio)
     if mode.endswith("truncate"):
-        weights = torch.clamp(ratio, min=cap_min, max=cap_max)
+        weights = ratio if cap_min is None and cap_max is None else torch.clamp(ratio, min=cap_min, max=cap_max)
     else:
         low = -math.inf if cap_min is None else cap_min
         high = math.inf if cap_max is None else cap_max

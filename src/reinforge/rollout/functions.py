@@ -42,7 +42,8 @@ class SeededBackend:
 
     def __init__(self, backend, seed: int | None):
         self.backend, self.seed = backend, seed
-        self.thread_safe, self.name = backend.thread_safe, backend.name
+        self.thread_safe = getattr(backend, "thread_safe", False)
+        self.name = getattr(backend, "name", "none")
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int | None = None) -> Completions:
         return self.backend.generate(prompt_ids, params, self.seed if seed is None else seed)

@@ -74,7 +74,10 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         backend, weight_sync, close_backend = build_backend(cfg, policy, tokenizer, out_dir, accelerator.is_main_process)
     except VLLMError as exc:
         raise RunError(str(exc)) from None
-    producer = build_producer(cfg, policy, tokenizer, backend, funcs, pool)
+    try:
+        producer = build_producer(cfg, policy, tokenizer, backend, funcs, pool)
+    except (ImportError, TypeError) as exc:  # trl.rollout_func cannot be imported or has no accepted form
+        raise RunError(str(exc)) from None
     preparer = build_preparer(cfg, tokenizer, len(funcs))
     try:
         plan = BatchPlan(len(data.train), _prompts_per_process(cfg, accelerator.num_processes), accelerator.process_index,
