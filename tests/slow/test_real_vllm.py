@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vllm"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
 from conftest_vllm import Server  # noqa: E402
 
 from reinforge.config.loader import build_config  # noqa: E402
