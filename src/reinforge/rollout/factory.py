@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,22 +58,25 @@ def sampling_params(cfg: ReinforgeConfig) -> SamplingParams:
 
 
 def build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_main: bool = True):
-    """(backend, weight sync, closer) for the config: in-process generation on the policy, or a vLLM server
-    (waited for up to `trl.vllm_server_timeout`; VLLMError naming the URL when it never answers). With several
+    """(backend, weight sync, resources) for the config: in-process generation on the policy, or a vLLM server
+    (waited for up to `trl.vllm_server_timeout`; VLLMError naming the URL when it never answers). `resources` is
+    a context manager that closes the connections and removes a temporary sync directory. With several
     processes every process talks to the server (each sends its own prompts); only the main process syncs."""
     t = cfg.trl
+    resources = ExitStack()
     if not t.use_vllm:
-        return InProcessBackend(policy, tokenizer.pad_token_id, eos_token_ids(policy, tokenizer)), SharedWeights(), None
+        return InProcessBackend(policy, tokenizer.pad_token_id, eos_token_ids(policy, tokenizer)), SharedWeights(), resources
     from reinforge.rollout.vllm import VLLMClient, VLLMServerBackend
 
     client = VLLMClient(t.server_url, timeout=t.vllm_server_timeout, api_key=cfg.vllm.api_key)
+    resources.callback(client.close)
     model_id = client.wait_until_ready()
     log.info("vLLM server at %s serves %s", client.base_url, model_id)
-    directory = Path(t.vllm_sync_dir) if t.vllm_sync_dir else _default_sync_dir(out_dir)
-    sync = (LoraFileSync if cfg.lora_sync else FullWeightSync)(client, directory)
     if not is_main:
-        sync = _FollowerSync(client, cfg.lora_sync)
-    return VLLMServerBackend(client), sync, client.close
+        return VLLMServerBackend(client), _FollowerSync(client, cfg.lora_sync), resources
+    directory = Path(t.vllm_sync_dir) if t.vllm_sync_dir else _temporary_sync_dir(out_dir, resources)
+    sync = (LoraFileSync if cfg.lora_sync else FullWeightSync)(client, directory)
+    return VLLMServerBackend(client), sync, resources
 
 
 class _FollowerSync:
@@ -87,10 +92,14 @@ class _FollowerSync:
         self.client.model = f"reinforge-v{version}" if self.lora else self.client.base_model
 
 
-def _default_sync_dir(out_dir: Path) -> Path:
+def _temporary_sync_dir(out_dir: Path, resources: ExitStack) -> Path:
+    """A directory in /dev/shm (RAM) when writable, else output_dir/vllm_sync; the /dev/shm one is removed
+    when `resources` closes."""
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
-        return Path(tempfile.mkdtemp(prefix="reinforge-sync-", dir=shm))
+        path = Path(tempfile.mkdtemp(prefix="reinforge-sync-", dir=shm))
+        resources.callback(shutil.rmtree, path, True)
+        return path
     return out_dir / "vllm_sync"
 
 

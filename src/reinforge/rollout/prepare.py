@@ -133,10 +133,9 @@ class RolloutPreparer:
         if self.mask_truncated:
             mask = mask & ~truncated.unsqueeze(1)
         correct = self.needs_old_logps(rollout)
-        old_fn = policy_logps if policy_logps is not None else None
-        if correct and old_fn is None:
+        if correct and policy_logps is None:
             raise ValueError("the sampler correction needs the old-policy forward (policy_logps)")
-        old = per_token(old_fn(batch), batch["n_tokens"]).detach() if old_fn is not None else None
+        old = per_token(policy_logps(batch), batch["n_tokens"]).detach() if policy_logps is not None else None
         ref = per_token(ref_logps(batch), batch["n_tokens"]).detach() if ref_logps else None
         metrics: dict[str, float] = {}
         weights = None

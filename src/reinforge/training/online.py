@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -71,7 +71,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     funcs = load_reward_funcs(t.reward_funcs or [])
     pool = RewardPool(funcs, t.reward_num_workers) if t.reward_num_workers > 1 or t.reward_timeout else None
     try:
-        backend, weight_sync, close_backend = build_backend(cfg, policy, tokenizer, out_dir, accelerator.is_main_process)
+        backend, weight_sync, backend_resources = build_backend(cfg, policy, tokenizer, out_dir, accelerator.is_main_process)
     except VLLMError as exc:
         raise RunError(str(exc)) from None
     try:
@@ -118,7 +118,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             if accelerator.is_main_process:
                 weight_sync.push(run.model, run.step)
-            accelerator.wait_for_everyone()
+            accelerator.wait_for_everyone()  # the others sample from the main process's version once it is loaded
             if not accelerator.is_main_process:
                 weight_sync.push(run.model, run.step)
             synced["version"] = run.step
@@ -142,7 +142,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     bar = tqdm(range(run.step + 1, total_steps + 1), desc=cfg.rl, initial=run.step, total=total_steps,
                disable=not accelerator.is_main_process)
     acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
-    with run.stop, pool or nullcontext(), _closing(close_backend):  # workers and connections end however the loop ends
+    with run.stop, pool or nullcontext(), backend_resources:  # workers, connections, sync files end however the loop ends
         for step in bar:
             step_acc, losses, consumed = MetricsAccumulator(), [], stream.consumed
             for micro in range(cfg.gradient_accumulation_steps):
@@ -192,15 +192,6 @@ def _stop_on_server_error(run: RunControl, step: int, micro: int, stream: Rollou
     elif step == 1 and micro == 0:
         where = "no step had completed, nothing to resume"
     raise RunError(f"generation failed at step {step}: {exc}\n{where}")
-
-
-@contextmanager
-def _closing(close):
-    try:
-        yield
-    finally:
-        if close is not None:
-            close()
 
 
 def _log_completions(rollout: RolloutBatch, out_dir, n_print: int | None) -> None:
