@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from reinforge.rewards import format_completions
 from reinforge.rollout.functions import RolloutFunction
-from reinforge.rollout.types import Completions, Rollout, SamplingParams
+from reinforge.rollout.types import Rollout, SamplingParams
 
 
 class RolloutProducer:
@@ -90,5 +90,3 @@ class RolloutProducer:
                        reward_names=list(self.reward_names), policy_version=version, num_generations=G,
                        timings={"generation": t_gen, "scoring": t_score})
 
-
-__all__ = ["Completions", "RolloutProducer"]

@@ -102,11 +102,6 @@ class Rollout:
     num_generations: int
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def size(self) -> int:
-        """N, the number of completions."""
-        return len(self.completion_ids)
-
     def prompts(self) -> list[Any]:
         """The N prompts (each row's `prompt`, repeated G times)."""
         return [r["prompt"] for r in self.rows for _ in range(self.num_generations)]

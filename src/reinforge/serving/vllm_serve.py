@@ -171,11 +171,14 @@ def _announce_ready(url: str, proc: subprocess.Popen, stop: threading.Event, tim
 
     client = VLLMClient(url, timeout=timeout, api_key=api_key)
     deadline = time.monotonic() + timeout
-    while not stop.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        try:
-            model = client.wait_until_ready(timeout=2.0)
-            print(f"reinforge vllm-serve: ready at {url} (model {model}); train with trl.use_vllm: true and "
-                  f"trl.vllm_server_base_url: {url} (or vllm_server_host/port)", flush=True)
-            return
-        except VLLMError:
-            continue
+    try:
+        while not stop.is_set() and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                model = client.wait_until_ready(timeout=2.0)
+                print(f"reinforge vllm-serve: ready at {url} (model {model}); train with trl.use_vllm: true and "
+                      f"trl.vllm_server_base_url: {url} (or vllm_server_host/port)", flush=True)
+                return
+            except VLLMError:
+                continue
+    finally:
+        client.close()
