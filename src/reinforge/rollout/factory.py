@@ -12,6 +12,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.rollout.inprocess import InProcessBackend
 from reinforge.rollout.prepare import RolloutPreparer, SamplerCorrectionSpec
@@ -75,8 +77,15 @@ def build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_mai
     if not is_main:
         return VLLMServerBackend(client), _FollowerSync(client, cfg.lora_sync), resources
     directory = Path(t.vllm_sync_dir) if t.vllm_sync_dir else _temporary_sync_dir(out_dir, resources)
-    sync = (LoraFileSync if cfg.lora_sync else FullWeightSync)(client, directory)
+    if cfg.lora_sync:
+        sync = LoraFileSync(client, directory)
+    else:
+        sync = FullWeightSync(client, directory, dtype=SERVER_DTYPES.get(cfg.vllm.dtype))
     return VLLMServerBackend(client), sync, resources
+
+
+# `vllm.dtype` values whose weights are sent already cast (auto and float32: as trained)
+SERVER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}
 
 
 class _FollowerSync:
