@@ -52,12 +52,13 @@ def test_grpo_learns_even_token_reward(tmp_path, monkeypatch, tiny_model_dir):
     # tokens, so the std of one step's mean reward is ~0.5/sqrt(128) ≈ 0.045 and of a 4-step mean ~0.02:
     # a rise of 0.15 is > 5 standard deviations away from chance.
     assert last > first + 0.15, rewards
+    trained = [x for x in m if x["skipped_zero_adv_batches"] < 2]  # converged steps skip their micro-batches
     for key in ("reward", "reward_std", "rewards/even_tokens/mean", "rewards/even_tokens/std", "frac_reward_zero_std",
                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "grad_norm", "loss",
                 "entropy"):
-        assert key in m[-1], key
+        assert key in trained[-1], key
     vocab = json.loads((Path(tiny_model_dir) / "config.json").read_text())["vocab_size"]
-    assert all(0.0 < x["entropy"] <= math.log(vocab) + 1e-4 for x in m), [x["entropy"] for x in m]  # nats
+    assert all(0.0 < x["entropy"] <= math.log(vocab) + 1e-4 for x in trained), [x["entropy"] for x in trained]  # nats
     lines = (tmp_path / "out" / "completions.jsonl").read_text().splitlines()  # 16 rollouts × 16 completions
     assert len(lines) == 16 * 16 and "even_tokens" in json.loads(lines[0])
     assert (tmp_path / "out" / "model.safetensors").exists()

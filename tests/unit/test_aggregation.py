@@ -9,8 +9,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from reinforge.algorithms.aggregation import LOSS_TYPES, aggregate_loss
+from reinforge.algorithms.aggregation import aggregate_loss
 from reinforge.algorithms.policy_gradient import grpo_per_token_loss
+from reinforge.algorithms.policy_losses import CLIPPED_SURROGATE_LOSS_TYPES
 
 
 def t(values):
@@ -99,7 +100,8 @@ def trl_compute_loss(per_token_logps, inputs, *, loss_type, beta, level, eps_low
     return GRPOTrainer._compute_loss(ns, None, inputs)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+# the loss types whose per-token loss is grpo_per_token_loss's; the others: tests/unit/test_policy_losses.py
+@pytest.mark.parametrize("loss_type", CLIPPED_SURROGATE_LOSS_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 @pytest.mark.parametrize("ga", [1, 3])

@@ -54,10 +54,11 @@ class DatasetConfig(StrictModel):
     remove_columns: str | list[str] | None = Field(default=None, description="Columns to drop after a `module.fn` transform; `__all__` drops all original columns.")
 
 
+from reinforge.config.async_grpo import AsyncGRPOKeys  # noqa: E402
 from reinforge.config.vllm import VLLMServerConfig, VLLMTrainerKeys  # noqa: E402
 
 
-class TRLConfig(VLLMTrainerKeys, StrictModel):
+class TRLConfig(AsyncGRPOKeys, VLLMTrainerKeys, StrictModel):
     """The `trl:` section (Axolotl/TRL names): online RL (GRPO/GDPO) settings and shared knobs."""
 
     beta: float | None = Field(default=None, ge=0.0, description="KL coefficient for GRPO (0: no reference model); for DPO-family an alias of `rl_beta`.")

@@ -116,7 +116,8 @@ class RolloutPreparer:
         """Advantages, batch, forwards, weights and metrics of `rollout` (collective: every process calls it).
 
         policy_logps / ref_logps: callables batch → LogpsModel output (no grad), or None when unused; the
-        old-policy forward also runs when the sampler correction needs it.
+        old-policy forward also runs when the sampler correction needs it. Old log-probs saved in
+        `rollout.old_logps` (replayed groups) replace the forward's for their completions.
         """
         G, rewards = rollout.num_generations, rollout.rewards
         rank, world_size = world()
@@ -136,6 +137,10 @@ class RolloutPreparer:
         if correct and policy_logps is None:
             raise ValueError("the sampler correction needs the old-policy forward (policy_logps)")
         old = per_token(policy_logps(batch), batch["n_tokens"]).detach() if policy_logps is not None else None
+        if old is not None and rollout.old_logps is not None:  # replayed groups that kept theirs
+            for i, row in enumerate(rollout.old_logps):
+                if row is not None:
+                    old[i, :len(row)] = torch.tensor(row, dtype=old.dtype)
         ref = per_token(ref_logps(batch), batch["n_tokens"]).detach() if ref_logps else None
         metrics: dict[str, float] = {}
         weights = None

@@ -87,6 +87,10 @@ class Rollout:
     rewards: [N, K] float32 rewards per function (NaN where a function returned None); reward_names: K names.
     policy_version: optimiser steps the sampling weights had taken (0: the initial weights).
     num_generations: G. timings: seconds per phase ("generation", "scoring").
+    row_ids: the P dataset indices of `rows` (empty when unknown).
+    versions: N policy versions, one per completion, when they differ (replayed groups); None: all
+        `policy_version`.
+    old_logps: N per-token old-policy log-probs saved with replayed groups (None entries: compute them), or None.
     """
 
     rows: list[dict[str, Any]]
@@ -101,6 +105,18 @@ class Rollout:
     policy_version: int
     num_generations: int
     timings: dict[str, float] = field(default_factory=dict)
+    row_ids: list[int] = field(default_factory=list)
+    versions: list[int] | None = None
+    old_logps: list[list[float] | None] | None = None
+
+    @property
+    def size(self) -> int:
+        """N completions."""
+        return len(self.completion_ids)
+
+    def completion_versions(self) -> list[int]:
+        """The policy version of each of the N completions."""
+        return list(self.versions) if self.versions is not None else [self.policy_version] * self.size
 
     def prompts(self) -> list[Any]:
         """The N prompts (each row's `prompt`, repeated G times)."""

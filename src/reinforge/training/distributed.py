@@ -150,6 +150,16 @@ def sum_across(t: torch.Tensor) -> torch.Tensor:
     return x.to(t.device)
 
 
+def broadcast_from_main(obj: Any) -> Any:
+    """The main process's `obj` on every process (a picklable object; identity for one process). Every process
+    must call it, from its main thread."""
+    if not dist_ready():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_names(names: list[str]) -> list[str]:
     """The sorted union of every process's `names` (one object collective)."""
     if not dist_ready():

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from typing import Any
 
 import torch
@@ -27,12 +27,13 @@ from reinforge.data.packing import batch_layout
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_reference
 from reinforge.rewards import RewardPool, load_reward_funcs
+from reinforge.rollout.curate import ReplayBuffer, RerollBuffer
 from reinforge.rollout.factory import build_backend, build_preparer, build_producer
 from reinforge.rollout.prepare import RolloutBatch
 from reinforge.rollout.stream import RolloutStream
 from reinforge.rollout.vllm import VLLMError
-from reinforge.training.distributed import (BatchPlan, launched_world_size, loss_for_backward,
-                                            prepare_frozen_model)
+from reinforge.training.distributed import (BatchPlan, any_across, is_deepspeed, launched_world_size,
+                                            loss_for_backward, prepare_frozen_model)
 from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
@@ -107,20 +108,26 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
             return ref_module(**layout(batch), temperature=t.temperature)
 
     synced: dict[str, int | None] = {"version": None}
+    depth = t.prefetch_depth if t.async_prefetch else 0  # async: the main process alone produces, in a thread
 
-    def before_produce() -> int:
+    def before_produce(drain) -> int:
         """Sync the backend's weights when due (every vllm_sync_interval steps, and before the first rollout of a
-        run); returns the version the next rollout samples from."""
+        run), after `drain()` has waited for any generation in flight; returns the version the next rollout samples
+        from. Asynchronous runs call it on the main process only (no collective then)."""
         if not weight_sync.needed:
             return run.step
         last = synced["version"]
         if last is None or run.step - last >= t.vllm_sync_interval:
+            drain()
             t0 = time.perf_counter()
-            if accelerator.is_main_process:
+            if depth:
                 weight_sync.push(run.model, run.step)
-            accelerator.wait_for_everyone()  # the others sample from the main process's version once it is loaded
-            if not accelerator.is_main_process:
-                weight_sync.push(run.model, run.step)
+            else:
+                if accelerator.is_main_process:
+                    weight_sync.push(run.model, run.step)
+                accelerator.wait_for_everyone()  # the others sample from the main process's version once it is loaded
+                if not accelerator.is_main_process:
+                    weight_sync.push(run.model, run.step)
             synced["version"] = run.step
             rollout_metrics.add({"time/weight_sync": time.perf_counter() - t0})
         return synced["version"]
@@ -132,9 +139,20 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         if t.log_completions and accelerator.is_main_process:
             _log_completions(r, out_dir, t.num_completions_to_print)
 
-    stream = RolloutStream(plan, data.train, producer, preparer, cfg.micro_batch_size, t.num_iterations, cfg.seed,
-                           policy_fn, ref_fn if beta > 0 else None, on_rollout, old_always=t.num_iterations > 1,
-                           before_produce=before_produce, position=saved.get("position"), state=saved.get("rollout"))
+    replay = ReplayBuffer(t.replay_buffer_size, keep_old_logps=not t.replay_recompute_logps) \
+        if t.use_data_producer and t.replay_buffer_size else None
+    reroll = RerollBuffer(math.ceil(t.reroll_start_fraction * total_steps), t.reroll_max_groups) \
+        if t.reroll_enabled and (not depth or accelerator.is_main_process) else None
+    try:
+        stream = RolloutStream(plan, data.train, producer, preparer, cfg.micro_batch_size, t.num_iterations, cfg.seed,
+                               policy_fn, ref_fn if beta > 0 else None, on_rollout,
+                               old_always=t.num_iterations > 1 or depth > 0 or (replay is not None and replay.keep_old_logps),
+                               before_produce=before_produce, current_version=lambda: run.step, prefetch_depth=depth,
+                               max_staleness=t.max_staleness, replay=replay, reroll=reroll,
+                               position=saved.get("position"), state=saved.get("rollout"))
+    except ValueError as exc:  # async with a producer that cannot run in a background thread
+        raise RunError(str(exc)) from None
+    skip_zero = t.skip_zero_advantage_batches and beta == 0 and not is_deepspeed(accelerator)
     params_list = [p for p in module.parameters() if p.requires_grad]
     log.info("%s: %d prompts, %d steps; %d prompts × %d generations per rollout on each of %d processes (%s); loss %s; "
              "beta %g", cfg.rl, len(data.train), total_steps, plan.per_process, t.num_generations,
@@ -142,22 +160,32 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     bar = tqdm(range(run.step + 1, total_steps + 1), desc=cfg.rl, initial=run.step, total=total_steps,
                disable=not accelerator.is_main_process)
     acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
-    with run.stop, pool or nullcontext(), backend_resources:  # workers, connections, sync files end however the loop ends
+    # workers, connections, sync files and the background producer end however the loop ends
+    with run.stop, pool or nullcontext(), backend_resources, closing(stream):
         for step in bar:
-            step_acc, losses, consumed = MetricsAccumulator(), [], stream.consumed
+            step_acc, losses, consumed, micros = MetricsAccumulator(), [], stream.consumed, []
             for micro in range(cfg.gradient_accumulation_steps):
                 try:
-                    rollout, mb = next(stream)
+                    micros.append(next(stream))
                 except VLLMError as exc:
                     _stop_on_server_error(run, step, micro, stream, exc, _loop_state(acc, stream, rollout_metrics))
+            # a micro-batch whose advantages are all zero (on every process: equal collectives) has no gradient
+            active = any_across([bool(mb.advantages.ne(0).any()) for _, mb in micros], accelerator.device) \
+                if skip_zero else [True] * len(micros)
+            last_active = max((i for i, a in enumerate(active) if a), default=-1)
+            for micro, (rollout, mb) in enumerate(micros):
+                if not active[micro]:
+                    losses.append(torch.zeros((), device=accelerator.device))
+                    continue
                 n_items = rollout.loss_tokens * cfg.gradient_accumulation_steps / micro_per_rollout
-                sync = micro == cfg.gradient_accumulation_steps - 1
-                with accelerator.no_sync(module) if not sync else nullcontext(), accelerator.autocast():
+                with accelerator.no_sync(module) if micro != last_active else nullcontext(), accelerator.autocast():
                     out = module(**layout(mb.batch), temperature=t.temperature, stats=objective.stats)
                     loss, micro_metrics = objective(out, mb, n_items)
                     accelerator.backward(loss_for_backward(loss, accelerator, cfg.gradient_accumulation_steps))
                 losses.append(loss.detach())
                 step_acc.add(micro_metrics)
+            if skip_zero:
+                step_acc.add({"skipped_zero_adv_batches": float(active.count(False))})
             if (grad_norm := run.optimizer_step(step, losses, params_list, stream.current_rows())) is not None:
                 step_acc.add({"grad_norm": grad_norm})
                 acc.merge(step_acc)
@@ -169,7 +197,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                 bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}")
                 acc, rollout_metrics, t0 = MetricsAccumulator(), MetricsAccumulator(), time.perf_counter()
             epoch_done = plan.epoch_of(stream.consumed) > plan.epoch_of(consumed)
-            run.end_step(step, stream.position, epoch_done, _loop_state(acc, stream, rollout_metrics))
+            run.end_step(step, stream.position, epoch_done, lambda: _loop_state(acc, stream, rollout_metrics))
     run.save_final()
     accelerator.end_training()
     return run.summary(writer.history, data.stats)

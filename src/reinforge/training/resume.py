@@ -202,13 +202,15 @@ class RunControl:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm if taken else None
 
-    def end_step(self, step: int, position: Any, epoch_done: bool, rank_state: dict[str, Any]) -> None:
+    def end_step(self, step: int, position: Any, epoch_done: bool,
+                 rank_state: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
         """After optimiser step `step`: write a scheduled checkpoint; after a signal, write one and raise.
 
         Args:
             position: the data position after this step (JSON-serialisable, e.g. micro-batches consumed).
             epoch_done: an epoch of the training data ended during this step (for save_strategy: epoch).
-            rank_state: this process's loop state to restore on resume (accumulators, in-flight rollout).
+            rank_state: this process's loop state to restore on resume (accumulators, in-flight rollout), or a
+                callable returning it, called only when a checkpoint is written (it may wait for prefetched rollouts).
         Raises:
             TrainingInterrupted: after SIGINT/SIGTERM (once the checkpoint is written).
         """
@@ -217,7 +219,7 @@ class RunControl:
         scheduled = (strategy == "steps" and step % self.cfg.save_steps == 0) or (strategy == "epoch" and epoch_done)
         stop = any_across([self.stop.requested], self.accelerator.device)[0]
         if scheduled or stop:
-            path = self.save(step, position, rank_state)
+            path = self.save(step, position, rank_state() if callable(rank_state) else rank_state)
         if stop:
             signum = self.stop.signum or 15  # another process got the signal: this one stops with it
             raise TrainingInterrupted(f"interrupted after step {step}; checkpoint written to {path}\n"
