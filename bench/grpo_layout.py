@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from reinforge.algorithms.aggregation import aggregate_loss
-    from reinforge.algorithms.policy_gradient import grpo_per_token_loss
+    from reinforge.algorithms.policy_losses import policy_loss_terms
     from reinforge.data.collate import pad_sequences
     from reinforge.data.formats.strategies.reinforge_gsm8k import transform
     from reinforge.data.packing import UNLIMITED, relayout
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 laid = layout(mb.batch)
                 out = module(**laid, stats=("entropy",))
                 logps = per_token(out, mb.batch["n_tokens"])
-                terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=0.2, epsilon_high=0.2)
+                terms = policy_loss_terms(logps, mb.advantages, mb.mask, epsilon_low=0.2, epsilon_high=0.2)
                 loss = aggregate_loss(terms.per_token_loss, mb.mask, "dapo", num_items_in_batch=rollout.loss_tokens)
                 loss.backward()
                 elapsed = time.perf_counter() - t0

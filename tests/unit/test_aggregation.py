@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reinforge.algorithms.aggregation import aggregate_loss
-from reinforge.algorithms.policy_gradient import grpo_per_token_loss
+from reinforge.algorithms.policy_losses import policy_loss_terms
 from reinforge.algorithms.policy_losses import CLIPPED_SURROGATE_LOSS_TYPES
 
 
@@ -129,7 +129,7 @@ def test_matches_trl(loss_type, level, beta, ga):
     trl_loss.backward()
 
     our_logps = logps.clone().requires_grad_()
-    terms = grpo_per_token_loss(our_logps, adv, mask, epsilon_low=0.2, epsilon_high=0.2, old_per_token_logps=old,
+    terms = policy_loss_terms(our_logps, adv, mask, epsilon_low=0.2, epsilon_high=0.2, old_per_token_logps=old,
                                 importance_sampling_level=level, beta=beta, ref_per_token_logps=ref)
     loss = aggregate_loss(terms.per_token_loss, mask, loss_type, max_completion_length=max_len,
                           num_items_in_batch=num_items, gradient_accumulation_steps=ga)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from reinforge.algorithms.importance_sampling import sampler_importance_weights, sampler_metrics
-from reinforge.algorithms.policy_gradient import grpo_per_token_loss
+from reinforge.algorithms.policy_losses import policy_loss_terms
 
 OLD = torch.tensor([[-1.0, -2.0, -0.5]])
 SAMPLER = torch.tensor([[-1.5, -1.0, -0.5]])
@@ -70,7 +70,7 @@ def test_weights_scale_the_surrogate_before_the_kl_term():
     ref = torch.tensor([[-1.0, -2.0]])
     rho = torch.tensor([[2.0, 0.5]])
     adv = torch.tensor([1.5])
-    terms = grpo_per_token_loss(logps, adv, torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
+    terms = policy_loss_terms(logps, adv, torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
                                 ref_per_token_logps=ref, sampler_weights=rho)
     assert torch.allclose(terms.per_token_loss, torch.tensor([[-3.0, -0.75]]))  # KL is 0 at ref == policy
     terms.per_token_loss.sum().backward()

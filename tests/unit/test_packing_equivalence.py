@@ -289,7 +289,7 @@ def test_grpo_micro_batches_shared_equal_padded(layout, loss_type, paired_rows, 
     micro-batches as the online loop does and laid out as `batch_layout` does: per-token log-probs, entropy, the
     clipped-surrogate + k3 loss and every parameter gradient equal those of the padded rows."""
     from reinforge.algorithms.aggregation import aggregate_loss
-    from reinforge.algorithms.policy_gradient import grpo_per_token_loss
+    from reinforge.algorithms.policy_losses import policy_loss_terms
     from reinforge.data.collate import pad_sequences
     from reinforge.data.packing import relayout
     from reinforge.rollout.prepare import RolloutBatch, per_token
@@ -316,7 +316,7 @@ def test_grpo_micro_batches_shared_equal_padded(layout, loss_type, paired_rows, 
             mb = rollout.micro_batch(start, 3)
             out = module(**layout_fn(mb.batch), temperature=0.8, stats=("entropy",))
             logps = per_token(out, mb.batch["n_tokens"])
-            terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=0.2, epsilon_high=0.28,
+            terms = policy_loss_terms(logps, mb.advantages, mb.mask, epsilon_low=0.2, epsilon_high=0.28,
                                         old_per_token_logps=mb.old_logps, beta=0.04, ref_per_token_logps=mb.ref_logps)
             loss = aggregate_loss(terms.per_token_loss, mb.mask, loss_type, num_items_in_batch=rollout.loss_tokens)
             g = torch.autograd.grad(loss, list(policy.parameters()))

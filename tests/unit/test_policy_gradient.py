@@ -12,10 +12,10 @@ import torch
 
 from reinforge.algorithms.aggregation import aggregate_loss
 from reinforge.algorithms.logprobs import entropy_from_logits
+from reinforge.algorithms.policy_losses import policy_loss_terms
 from reinforge.algorithms.policy_gradient import (
     clip_ratio_metrics,
     clipped_surrogate_loss,
-    grpo_per_token_loss,
     k3_kl,
     log_importance_weights,
     masked_mean,
@@ -45,7 +45,7 @@ def test_gradient_is_zero_where_clipped():
     logps = t([[math.log(0.5), math.log(0.35), math.log(0.3)]]).requires_grad_()
     old = t([[math.log(0.4), math.log(0.5), math.log(0.3)]])
     mask = t([[1, 1, 1]])
-    terms = grpo_per_token_loss(logps, t([1.0]), mask, epsilon_low=0.2, epsilon_high=0.2, old_per_token_logps=old)
+    terms = policy_loss_terms(logps, t([1.0]), mask, epsilon_low=0.2, epsilon_high=0.2, old_per_token_logps=old)
     terms.per_token_loss.sum().backward()
     # token 1: r=1.25, A=+1 → clipped (constant 1.2) → grad 0
     # token 2: r=0.7, A=+1 → unclipped loss -r·A, d/dlogp = -r = -0.7
@@ -58,7 +58,7 @@ def test_gradient_is_zero_where_clipped():
 def test_on_policy_default_old_logps():
     # old_per_token_logps=None: ratio 1 in value, gradient of the loss = -A per token
     logps = t([[-1.0, -2.0]]).requires_grad_()
-    terms = grpo_per_token_loss(logps, t([0.5]), t([[1, 1]]), epsilon_low=0.2, epsilon_high=0.2)
+    terms = policy_loss_terms(logps, t([0.5]), t([[1, 1]]), epsilon_low=0.2, epsilon_high=0.2)
     assert terms.per_token_loss.tolist() == [[-0.5, -0.5]]
     terms.per_token_loss.sum().backward()
     assert logps.grad.tolist() == [[-0.5, -0.5]]
@@ -72,7 +72,7 @@ def test_sequence_ratio_by_hand():
     w = log_importance_weights(logps, old, mask, "sequence")
     assert w.shape == (2, 1)
     assert w[0, 0].item() == pytest.approx(0.2) and w[1, 0].item() == 0.0  # empty row: 0 / clamp(0, 1)
-    terms = grpo_per_token_loss(logps, t([1.0, 1.0]), mask, epsilon_low=0.2, epsilon_high=0.3,
+    terms = policy_loss_terms(logps, t([1.0, 1.0]), mask, epsilon_low=0.2, epsilon_high=0.3,
                                 old_per_token_logps=old, importance_sampling_level="sequence")
     # s = e^0.2 = 1.2214 < 1.3 → unclipped: loss -1.2214 for the whole sequence ([B, 1])
     assert terms.per_token_loss.shape == (2, 1)
@@ -90,12 +90,12 @@ def test_k3_kl_by_hand():
 def test_kl_added_with_beta():
     logps = t([[math.log(0.5)]])
     ref = t([[math.log(0.25)]])
-    terms = grpo_per_token_loss(logps, t([2.0]), t([[1]]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
+    terms = policy_loss_terms(logps, t([2.0]), t([[1]]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1,
                                 ref_per_token_logps=ref)
     # on-policy: -1·2 + 0.1·(0.5 + log 2 - 1)
     assert terms.per_token_loss.item() == pytest.approx(-2.0 + 0.1 * (math.log(2.0) - 0.5))
     with pytest.raises(ValueError, match="ref_per_token_logps"):
-        grpo_per_token_loss(logps, t([2.0]), t([[1]]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1)
+        policy_loss_terms(logps, t([2.0]), t([[1]]), epsilon_low=0.2, epsilon_high=0.2, beta=0.1)
 
 
 def test_clip_ratio_metrics_by_hand():
@@ -183,7 +183,7 @@ def test_per_token_loss_and_metrics_match_trl(level, beta):
     trl_loss.backward()
 
     our_logps = logps.clone().requires_grad_()
-    terms = grpo_per_token_loss(our_logps, adv, mask, epsilon_low=0.2, epsilon_high=0.28, old_per_token_logps=old,
+    terms = policy_loss_terms(our_logps, adv, mask, epsilon_low=0.2, epsilon_high=0.28, old_per_token_logps=old,
                                 importance_sampling_level=level, beta=beta, ref_per_token_logps=ref)
     loss = aggregate_loss(terms.per_token_loss, mask, "bnpo")
     loss.backward()

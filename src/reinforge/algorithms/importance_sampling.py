@@ -93,3 +93,33 @@ def sampler_metrics(correction: SamplerCorrection, old_logps: torch.Tensor, samp
         "sampling/importance_sampling_ratio/mean": reduce(flat, torch.mean),
         "sampling/importance_sampling_ratio/max": reduce(flat, torch.max),
     }
+
+
+def off_policy_sequence_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor, sampling_logps: torch.Tensor,
+                             mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Off-policy sequence masking (DeepSeek-V3.2, arXiv 2512.02556, "Off-Policy Sequence Masking"): a completion
+    is dropped when its advantage is negative and its mean per-token gap to the policy that sampled it exceeds
+    `threshold`:
+
+        δ_i = Σ_t m·(log μ(o_t) − log π_θ(o_t)) / max(Σ_t m, 1),   M_i = 1 if Â_i ≥ 0 or δ_i ≤ threshold else 0.
+
+    Negative-advantage samples that the current policy already finds unlikely are the ones whose gradient
+    pushes hardest on an off-policy estimate; positive ones are always kept. As TRL 1.16
+    (`GRPOTrainer.get_off_policy_mask`), μ is the sampler's log-probs when known (else the old policy's),
+    tokens with an unknown μ (NaN) count as a zero gap, and π_θ is taken without gradient.
+
+    Args:
+        advantages: [B] or [B, 1].
+        per_token_logps: [B, T] current-policy log-probs (detached here).
+        sampling_logps: [B, T] log-probs under the sampling policy.
+        mask: [B, T] 1 on loss tokens.
+        threshold: δ above which a negative-advantage sequence is dropped (nats per token, ≥ 0).
+    Returns:
+        [B, 1] of 1.0 (keep) / 0.0 (drop), in `mask`'s floating dtype (float32 for an integer mask).
+    """
+    m = mask.to(per_token_logps.dtype)
+    gap = torch.nan_to_num(sampling_logps - per_token_logps.detach(), nan=0.0)
+    mean_gap = (gap * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    dtype = mask.dtype if mask.dtype.is_floating_point else torch.float32
+    return ((adv >= 0) | (mean_gap <= threshold)).to(dtype)

@@ -6,12 +6,13 @@ are per token, [B, T], of the sampled completion tokens under: the current polic
 (`per_token_logps`, with gradient), the policy that generated the rollout (`old_per_token_logps`,
 no gradient) and the reference model (`ref_per_token_logps`, no gradient).
 
-The per-token losses here are averaged into a scalar by `reinforge.algorithms.aggregation`.
+The loss types built on these pieces, and the whole per-token loss (KL, sampler correction, off-policy
+mask), are in `reinforge.algorithms.policy_losses`; `reinforge.algorithms.aggregation` averages it.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 
@@ -76,71 +77,6 @@ def clipped_surrogate_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, ep
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     return -torch.min(ratio * advantages, clipped * advantages)
-
-
-class PolicyLossTerms(NamedTuple):
-    """Output of `grpo_per_token_loss`.
-
-    per_token_loss: [B, T], or [B, 1] for the sequence level without KL; mask it and aggregate it
-        with `aggregation.aggregate_loss`.
-    ratio: importance ratio exp(log_importance_weights), [B, T] or [B, 1], detached (for metrics).
-    per_token_kl: [B, T] k3 estimate (detached), or None when beta == 0.
-    """
-
-    per_token_loss: torch.Tensor
-    ratio: torch.Tensor
-    per_token_kl: torch.Tensor | None
-
-
-def grpo_per_token_loss(per_token_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                        epsilon_low: float, epsilon_high: float,
-                        old_per_token_logps: torch.Tensor | None = None,
-                        importance_sampling_level: str = "token", beta: float = 0.0,
-                        ref_per_token_logps: torch.Tensor | None = None,
-                        sampler_weights: torch.Tensor | None = None) -> PolicyLossTerms:
-    """GRPO per-token loss (arXiv 2402.03300 eq. 3, before averaging):
-    L_{i,t} = −ρ_{i,t}·min(r·Â_i, clip(r, 1−ε_low, 1+ε_high)·Â_i) + β·KL3_{i,t}
-    (ρ = 1 unless `sampler_weights` are given).
-
-    Args:
-        per_token_logps: [B, T] current-policy log-probs (with gradient).
-        advantages: [B] (or [B, 1] / [B, T]) advantages, no gradient.
-        mask: [B, T] loss mask (used only for the sequence-level ratio here).
-        epsilon_low: ε (config `epsilon`); epsilon_high: upper range (config `epsilon_high`,
-            which defaults to `epsilon`: resolve that before calling).
-        old_per_token_logps: [B, T] log-probs of the policy that sampled the rollout; None when the
-            rollout is being optimised for the first time by the same weights (num_iterations = 1
-            and no stale micro-batches): then r = 1 in value and the gradient is the plain policy
-            gradient (TRL substitutes `per_token_logps.detach()`, as here).
-        importance_sampling_level: "token" or "sequence" (GSPO, arXiv 2507.18071).
-        beta: KL coefficient; 0 disables the KL term (no reference needed).
-        ref_per_token_logps: [B, T] reference log-probs; required when beta > 0.
-        sampler_weights: [B, T] or [B, 1] importance weights π_old/μ of a rollout sampled by another engine
-            (`importance_sampling.sampler_importance_weights`, no gradient), multiplying the clipped
-            surrogate before the KL term is added (TRL 1.16's order); None: no correction.
-    Returns:
-        PolicyLossTerms(per_token_loss, ratio, per_token_kl).
-    Raises:
-        ValueError: beta > 0 without reference log-probs, or an unknown level.
-
-    Deviations: the KL term is added per token after clipping, as TRL 1.16 does (the paper's
-    eq. 3 has the same form); TRL's optional `use_bias_correction_kl` and `delta` (two-sided clip) are
-    not implemented.
-    """
-    if old_per_token_logps is None:
-        old_per_token_logps = per_token_logps.detach()
-    log_w = log_importance_weights(per_token_logps, old_per_token_logps, mask, importance_sampling_level)
-    per_token_loss = clipped_surrogate_loss(log_w, advantages, epsilon_low, epsilon_high)
-    if sampler_weights is not None:
-        per_token_loss = per_token_loss * sampler_weights.detach()
-    kl = None
-    if beta != 0.0:
-        if ref_per_token_logps is None:
-            raise ValueError("beta > 0 needs ref_per_token_logps (reference-model log-probs)")
-        kl = k3_kl(per_token_logps, ref_per_token_logps)
-        per_token_loss = per_token_loss + beta * kl
-        kl = kl.detach()
-    return PolicyLossTerms(per_token_loss, torch.exp(log_w.detach()), kl)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,11 @@ from typing import NamedTuple
 import torch
 
 from reinforge.algorithms.aggregation import LOSS_TYPES
+from reinforge.algorithms.importance_sampling import off_policy_sequence_mask
 from reinforge.algorithms.policy_gradient import (
     clip_ratio_metrics,
     clipped_surrogate_loss,
+    k3_kl,
     log_importance_weights,
     masked_mean,
 )
@@ -230,6 +232,86 @@ def policy_per_token_loss(loss_type: str, per_token_logps: torch.Tensor, old_per
     if sampler_ratio is not None and loss_type != "vespo":
         per_token_loss = per_token_loss * sampler_ratio.detach()
     return PolicyLossOutput(per_token_loss, ratio.detach(), phi)
+
+
+class PolicyLossTerms(NamedTuple):
+    """Output of `policy_loss_terms`.
+
+    per_token_loss: [B, T] (or [B, 1] for a sequence-level loss without KL); mask and aggregate it with
+        `aggregation.aggregate_loss`.
+    ratio: π_θ/π_old, [B, T] or [B, 1], detached (for metrics).
+    per_token_kl: [B, T] KL term (detached; × r under bias correction), or None when beta == 0.
+    phi: VESPO's [B, 1] weights or None. keep: [B, 1] off-policy mask or None (off).
+    """
+
+    per_token_loss: torch.Tensor
+    ratio: torch.Tensor
+    per_token_kl: torch.Tensor | None
+    phi: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+
+def policy_loss_terms(per_token_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                      epsilon_low: float, epsilon_high: float, loss_type: str = "grpo",
+                      old_per_token_logps: torch.Tensor | None = None, importance_sampling_level: str = "token",
+                      beta: float = 0.0, ref_per_token_logps: torch.Tensor | None = None,
+                      sampler_weights: torch.Tensor | None = None, sampler_logps: torch.Tensor | None = None,
+                      off_policy_mask_threshold: float | None = None, bias_correction_kl: bool = False,
+                      sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                      vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                      vespo_lambda_neg: float = 2.0) -> PolicyLossTerms:
+    """The whole per-token GRPO-family loss, in TRL 1.16's order (`GRPOTrainer._compute_loss`):
+
+        L_{i,t} = M_i · ρ_{i,t} · ℓ_{i,t} + β · KL3_{i,t} · (r_{i,t} if bias_correction_kl else 1)
+
+    (with bias correction r keeps its gradient, as in TRL).
+
+    ℓ the policy term of `loss_type` (`policy_per_token_loss`: GRPO's clipped surrogate, arXiv 2402.03300 eq. 3,
+    or cispo/sapo/vespo), ρ the sampler importance weights (`importance_sampling.sampler_importance_weights`;
+    for vespo inside φ instead), M_i the off-policy sequence mask (`importance_sampling.off_policy_sequence_mask`),
+    KL3 the k3 estimate of KL(π_θ‖π_ref) (`policy_gradient.k3_kl`) and r = π_θ/π_old.
+
+    Args:
+        per_token_logps: [B, T] current-policy log-probs (with gradient).
+        advantages: [B] (or [B, 1]); mask: [B, T] loss mask.
+        epsilon_low, epsilon_high: clip ranges (resolve `epsilon_high = epsilon` before calling).
+        loss_type: one of `aggregation.LOSS_TYPES`.
+        old_per_token_logps: [B, T] or None (the rollout is optimised by the weights that scored it: r = 1).
+        importance_sampling_level: "token" or "sequence" (GSPO).
+        beta: KL coefficient (0: no KL, no reference needed); ref_per_token_logps: [B, T], required when beta > 0.
+        sampler_weights: [B, T] / [B, 1] sampler importance weights, or None.
+        sampler_logps: [B, T] the sampler's log-probs (for the off-policy mask; default the old policy's).
+        off_policy_mask_threshold: δ of the off-policy mask, None: off.
+        bias_correction_kl: multiply the KL term by r (TRL's `use_bias_correction_kl`).
+        sapo_temperature_pos/neg, vespo_*: the kernels of sapo and vespo (TRL 1.16's defaults).
+    Returns:
+        PolicyLossTerms.
+    Raises:
+        ValueError: beta > 0 without reference log-probs, an unknown loss type or level.
+    """
+    if beta != 0.0 and ref_per_token_logps is None:
+        raise ValueError("beta > 0 needs ref_per_token_logps (reference-model log-probs)")
+    out = policy_per_token_loss(loss_type, per_token_logps, old_per_token_logps, advantages, mask,
+                                epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                                importance_sampling_level=importance_sampling_level,
+                                sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                                vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                                vespo_lambda_neg=vespo_lambda_neg, sampler_ratio=sampler_weights)
+    per_token_loss, keep = out.per_token_loss, None
+    if off_policy_mask_threshold is not None:
+        sampling = sampler_logps if sampler_logps is not None else (
+            old_per_token_logps if old_per_token_logps is not None else per_token_logps.detach())
+        keep = off_policy_sequence_mask(advantages, per_token_logps, sampling, mask, off_policy_mask_threshold)
+        per_token_loss = per_token_loss * keep.to(per_token_loss.dtype)
+    kl = None
+    if beta != 0.0:
+        kl = k3_kl(per_token_logps, ref_per_token_logps)
+        if bias_correction_kl:  # r with its gradient, as TRL 1.16
+            old = old_per_token_logps if old_per_token_logps is not None else per_token_logps.detach()
+            kl = kl * torch.exp(log_importance_weights(per_token_logps, old, mask, importance_sampling_level))
+        per_token_loss = per_token_loss + beta * kl
+        kl = kl.detach()
+    return PolicyLossTerms(per_token_loss, out.ratio, kl, out.phi, keep)
 
 
 def policy_loss_metrics(loss_type: str, ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,

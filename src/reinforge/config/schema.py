@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from reinforge.algorithms.aggregation import LOSS_TYPES
 from reinforge.algorithms.registry import METHODS, method
 
 RLMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -79,7 +80,13 @@ class TRLConfig(AsyncGRPOKeys, VLLMTrainerKeys, StrictModel):
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
         default="sum_then_normalize", description="How several rewards become one advantage; `rl: gdpo` sets normalize_then_sum."
     )
-    loss_type: str = Field(default="dapo", description="Policy loss aggregation: grpo, bnpo, dr_grpo, dapo.")
+    loss_type: str = Field(default="dapo", description="Policy loss (TRL 1.16): grpo, bnpo, dr_grpo, dapo, luspo (the clipped surrogate, aggregated differently), cispo, sapo or vespo.")
+    sapo_temperature_pos: float = Field(default=1.0, gt=0.0, description="SAPO's gate temperature for positive advantages (loss_type: sapo).")
+    sapo_temperature_neg: float = Field(default=1.05, gt=0.0, description="SAPO's gate temperature for negative advantages (loss_type: sapo).")
+    vespo_k_pos: float = Field(default=2.0, description="VESPO's gamma-kernel shape k for non-negative advantages (loss_type: vespo).")
+    vespo_lambda_pos: float = Field(default=3.0, description="VESPO's gamma-kernel rate λ for non-negative advantages.")
+    vespo_k_neg: float = Field(default=3.0, description="VESPO's gamma-kernel shape k for negative advantages.")
+    vespo_lambda_neg: float = Field(default=2.0, description="VESPO's gamma-kernel rate λ for negative advantages.")
     epsilon: float = Field(default=0.2, ge=0.0, description="Lower clipping range of the importance ratio.")
     epsilon_high: float | None = Field(default=None, ge=0.0, description="Upper clipping range (default: epsilon).")
     num_iterations: int = Field(default=1, ge=1, description="Optimisation passes over one rollout batch.")
@@ -209,9 +216,15 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
 
     def _check_online(self) -> None:
         t = self.trl
-        valid = ("grpo", "bnpo", "dr_grpo", "dapo")
-        if t.loss_type not in valid:
-            raise ValueError(f"trl.loss_type {t.loss_type!r} is unknown; valid: {', '.join(valid)}")
+        if t.loss_type not in LOSS_TYPES:
+            raise ValueError(f"trl.loss_type {t.loss_type!r} is unknown; valid: {', '.join(LOSS_TYPES)}")
+        if t.loss_type == "cispo" and t.epsilon_high is None:
+            raise ValueError("loss_type: cispo caps the importance ratio at trl.epsilon_high (an absolute cap, not "
+                             "1 + ε); set it (TRL's docs suggest 5.0; TRL would silently use epsilon, 0.2)")
+        if t.loss_type == "vespo" and (t.use_vllm or t.async_prefetch) and t.vllm_importance_sampling_correction \
+                and t.vllm_importance_sampling_mode.startswith("sequence"):
+            raise ValueError("loss_type: vespo needs per-token sampler weights: set trl.vllm_importance_sampling_mode "
+                             "to token_truncate or token_mask")
         if not t.reward_funcs and not t.rollout_func:
             raise ValueError(f"rl: {self.rl} needs trl.reward_funcs (a list of `module.fn`)")
         n_funcs = len(t.reward_funcs or [])

@@ -33,6 +33,7 @@ class RolloutBatch:
     loss_tokens: loss tokens (mask entries) of the rollout per process, averaged over processes: the
         `num_items_in_batch` basis of the "dapo" aggregation.
     sampler_weights: [N, T] or [N, 1] importance weights π_old/μ (None: no correction).
+    sampler_logps: [N, T] the sampler's log-probs (None when the backend gave none).
     policy_version: optimiser steps of the weights that sampled it.
     """
 
@@ -45,6 +46,7 @@ class RolloutBatch:
     table: list[dict[str, Any]] = field(default_factory=list)
     loss_tokens: float = 0.0
     sampler_weights: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
     policy_version: int = 0
 
     @property
@@ -64,7 +66,7 @@ class RolloutBatch:
         cut = lambda t: None if t is None else t[sl, :T] if t.shape[-1] != 1 else t[sl]  # noqa: E731
         return RolloutBatch(sub, self.mask[sl, :T], self.advantages[sl], cut(self.old_logps), cut(self.ref_logps), {},
                             loss_tokens=self.loss_tokens, sampler_weights=cut(self.sampler_weights),
-                            policy_version=self.policy_version)
+                            sampler_logps=cut(self.sampler_logps), policy_version=self.policy_version)
 
 
 def per_token(out: dict[str, torch.Tensor], n_tokens: torch.Tensor, key: str = "token_logps") -> torch.Tensor:
@@ -144,8 +146,8 @@ class RolloutPreparer:
         ref = per_token(ref_logps(batch), batch["n_tokens"]).detach() if ref_logps else None
         metrics: dict[str, float] = {}
         weights = None
+        sampler = pad_per_token(rollout.sampler_logps, T) if rollout.sampler_logps is not None else None
         if correct:
-            sampler = pad_per_token(rollout.sampler_logps, T)
             c = self.correction
             corr = sampler_importance_weights(old, sampler, mask, mode=c.mode, cap_max=c.cap_max, cap_min=c.cap_min)
             weights = corr.weights
@@ -166,4 +168,4 @@ class RolloutPreparer:
                  for i, (p, t) in enumerate(zip(rollout.prompts(), rollout.texts))]
         loss_tokens = float(sum_across(mask.sum().double())) / world_size
         return RolloutBatch(batch, mask, advantages, old, ref, metrics, table, loss_tokens=loss_tokens,
-                            sampler_weights=weights, policy_version=rollout.policy_version)
+                            sampler_weights=weights, sampler_logps=sampler, policy_version=rollout.policy_version)

@@ -13,15 +13,17 @@ from typing import Callable
 import torch
 
 from reinforge.algorithms.aggregation import aggregate_loss
-from reinforge.algorithms.policy_gradient import clip_ratio_metrics, grpo_per_token_loss, masked_mean
+from reinforge.algorithms.policy_gradient import masked_mean
+from reinforge.algorithms.policy_losses import policy_loss_metrics, policy_loss_terms
 from reinforge.algorithms.registry import method
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.rollout.prepare import RolloutBatch, per_token
 
 
 class PolicyGradientObjective:
-    """GRPO/GDPO's clipped policy-gradient loss (+ k3 KL when beta > 0, × sampler importance weights when the
-    rollout carries them), aggregated per `trl.loss_type`.
+    """GRPO/GDPO's policy loss of `trl.loss_type` (grpo, bnpo, dr_grpo, dapo, luspo: the clipped surrogate; cispo,
+    sapo, vespo), + k3 KL when beta > 0, × sampler importance weights when the rollout carries them, with the
+    optional off-policy sequence mask; aggregated per `trl.loss_type` (`algorithms.policy_losses`).
 
     Args: the config values it needs, as plain numbers and names.
     """
@@ -29,32 +31,44 @@ class PolicyGradientObjective:
     stats = ("entropy",)
 
     def __init__(self, *, epsilon_low: float, epsilon_high: float, beta: float, importance_sampling_level: str,
-                 loss_type: str, max_completion_length: int, gradient_accumulation_steps: int):
+                 loss_type: str, max_completion_length: int, gradient_accumulation_steps: int,
+                 off_policy_mask_threshold: float | None = None, bias_correction_kl: bool = False,
+                 kernels: dict[str, float] | None = None):
         self.epsilon_low, self.epsilon_high, self.beta = epsilon_low, epsilon_high, beta
         self.level, self.loss_type = importance_sampling_level, loss_type
         self.max_completion_length, self.ga = max_completion_length, gradient_accumulation_steps
+        self.off_policy_mask_threshold, self.bias_correction_kl = off_policy_mask_threshold, bias_correction_kl
+        self.kernels = kernels or {}
 
     @classmethod
     def from_config(cls, cfg: ReinforgeConfig) -> "PolicyGradientObjective":
         t = cfg.trl
         return cls(epsilon_low=t.epsilon, epsilon_high=t.epsilon_high if t.epsilon_high is not None else t.epsilon,
                    beta=t.beta or 0.0, importance_sampling_level=t.importance_sampling_level, loss_type=t.loss_type,
-                   max_completion_length=t.max_completion_length, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                   max_completion_length=t.max_completion_length, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                   off_policy_mask_threshold=t.off_policy_mask_threshold, bias_correction_kl=t.use_bias_correction_kl,
+                   kernels={k: getattr(t, k) for k in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+                                                       "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")})
 
     def __call__(self, out: dict[str, torch.Tensor], mb: RolloutBatch, num_items_in_batch: float
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n_tokens = mb.batch["n_tokens"]
         logps, entropy = per_token(out, n_tokens), per_token(out, n_tokens, "token_entropy")
-        terms = grpo_per_token_loss(logps, mb.advantages, mb.mask, epsilon_low=self.epsilon_low,
-                                    epsilon_high=self.epsilon_high, old_per_token_logps=mb.old_logps,
-                                    importance_sampling_level=self.level, beta=self.beta,
-                                    ref_per_token_logps=mb.ref_logps, sampler_weights=mb.sampler_weights)
+        terms = policy_loss_terms(logps, mb.advantages, mb.mask, epsilon_low=self.epsilon_low,
+                                  epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                                  old_per_token_logps=mb.old_logps, importance_sampling_level=self.level,
+                                  beta=self.beta, ref_per_token_logps=mb.ref_logps, sampler_weights=mb.sampler_weights,
+                                  sampler_logps=mb.sampler_logps, off_policy_mask_threshold=self.off_policy_mask_threshold,
+                                  bias_correction_kl=self.bias_correction_kl, **self.kernels)
         loss = aggregate_loss(terms.per_token_loss, mb.mask, self.loss_type, max_completion_length=self.max_completion_length,
                               num_items_in_batch=num_items_in_batch, gradient_accumulation_steps=self.ga)
         metrics = {"loss": loss.detach() * self.ga, "entropy": masked_mean(entropy, mb.mask),
-                   **clip_ratio_metrics(terms.ratio, mb.advantages, mb.mask, self.epsilon_low, self.epsilon_high)}
+                   **policy_loss_metrics(self.loss_type, terms.ratio, mb.advantages, mb.mask,
+                                         epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, phi=terms.phi)}
         if terms.per_token_kl is not None:
             metrics["kl"] = masked_mean(terms.per_token_kl, mb.mask)
+        if terms.keep is not None:
+            metrics["off_policy_masked_ratio"] = 1.0 - terms.keep.mean()
         return loss, metrics
 
 
