@@ -140,6 +140,35 @@ def test_grpo_full_weights_crash_then_resume_matches(tiny_server, vllm_tiny_mode
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("depth, max_staleness, staleness, dropped", [
+    (1, None, [0, 1, 1, 1], [0, 0, 0, 0]),
+    (2, None, [0, 1, 2, 2], [0, 0, 0, 0]),
+    (2, 1, [0, 1, 0, 0], [0, 0, 1, 1]),
+])
+def test_async_prefetch_end_to_end(tiny_server, vllm_tiny_model_dir, tmp_path, monkeypatch, depth, max_staleness,
+                                   staleness, dropped):
+    """`reinforge train` with async prefetch against the server (full weights synced every step): rollouts are
+    produced in a background thread while the previous one trains. With depth d the rollout trained at step s was
+    sampled min(s - 1, d) versions earlier (a sync waits for the rollouts in flight, so depth 2 keeps two rollouts
+    of one version in flight); `max_staleness` drops older ones and samples them again from the current weights."""
+    monkeypatch.chdir(tmp_path)
+    trl = {"use_data_producer": True, "async_prefetch": True, "prefetch_depth": depth}
+    if max_staleness is not None:
+        trl["max_staleness"] = max_staleness
+    cfg = write_run(tmp_path, vllm_tiny_model_dir, tiny_server.url, max_steps=4, trl=trl)
+    assert main(["train", str(cfg)]) == 0
+    m = metrics(tmp_path / "out")
+    assert [x["sample/staleness_mean"] for x in m] == staleness
+    assert [x["sample/staleness_max"] for x in m] == staleness
+    assert [x["sample/dropped_stale"] for x in m] == dropped
+    for x in m:
+        assert x["time/rollout_wait"] >= 0 and math.isfinite(x["sampling/importance_sampling_ratio/mean"])
+        assert math.isfinite(x["loss"]) and x["grad_norm"] > 0
+    # the policy moved between sampling and training: the correction sees it (same weights: ratio exactly ~1)
+    stale_steps = [x for x, s in zip(m, staleness) if s > 0]
+    assert max(x["sampling/sampling_logp_difference/max"] for x in stale_steps) > 0.05
+
+
 def test_server_stopped_mid_run_leaves_a_checkpoint(tiny_server, vllm_tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C on `reinforge vllm-serve` stops the server cleanly (exit 0); the trainer, at its next rollout,
     stops with the endpoint in the message and a checkpoint of the last completed step. Runs last: the server is gone."""

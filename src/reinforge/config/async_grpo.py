@@ -4,6 +4,8 @@ buffer and deferred re-rolls. See docs/async_grpo.md."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -12,6 +14,8 @@ class AsyncGRPOKeys(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
+    inprocess_sampler: Literal["policy", "snapshot"] | None = Field(default=None, description="Without vLLM: `policy` samples with generate() on the training module itself (synchronous only); `snapshot` samples from a frozen merged copy of the weights, refreshed every vllm_sync_interval steps, returning sampler log-probs (thread-safe; faster with a LoRA policy). Default: policy, snapshot with async_prefetch.")
+    inprocess_sampler_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="dtype of the snapshot sampler's copy (bfloat16 samples faster on CPUs with bf16; the importance-sampling correction covers the mismatch).")
     use_data_producer: bool = Field(default=False, description="Axolotl's switch for the data-producer features: async_prefetch, streaming_partial_batch, the replay buffer and re-rolls need it (reinforge always produces rollouts through its producer).")
     async_prefetch: bool = Field(default=False, description="Produce the next rollouts in a background thread while the current one trains (needs use_data_producer).")
     prefetch_depth: int = Field(default=1, ge=1, description="Rollouts produced ahead of training when async_prefetch is on.")
@@ -35,7 +39,16 @@ class AsyncGRPOKeys(BaseModel):
                                      ("reroll_start_fraction", self.reroll_start_fraction < 1.0)) if on]
             if needs:
                 raise ValueError(f"trl.{', trl.'.join(needs)} need trl.use_data_producer: true (as in Axolotl)")
+        if self.async_prefetch and self.inprocess_sampler == "policy":
+            raise ValueError("trl.inprocess_sampler: policy samples with the training module itself, which cannot run "
+                             "in a background thread; async_prefetch needs inprocess_sampler: snapshot (the default) "
+                             "or use_vllm")
         return self
+
+    @property
+    def snapshot_sampler(self) -> bool:
+        """Whether in-process generation samples from a snapshot copy of the weights."""
+        return (self.inprocess_sampler or ("snapshot" if self.async_prefetch else "policy")) == "snapshot"
 
     @property
     def reroll_enabled(self) -> bool:

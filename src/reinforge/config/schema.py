@@ -218,6 +218,9 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
         t = self.trl
         if t.loss_type not in LOSS_TYPES:
             raise ValueError(f"trl.loss_type {t.loss_type!r} is unknown; valid: {', '.join(LOSS_TYPES)}")
+        if not t.use_vllm and t.snapshot_sampler and t.generation_kwargs:
+            raise ValueError(f"trl.generation_kwargs ({sorted(t.generation_kwargs)}) are generate() arguments; the "
+                             f"snapshot sampler (inprocess_sampler: snapshot, or async_prefetch) does not take them")
         if t.loss_type == "cispo" and t.epsilon_high is None:
             raise ValueError("loss_type: cispo caps the importance ratio at trl.epsilon_high (an absolute cap, not "
                              "1 + ε); set it (TRL's docs suggest 5.0; TRL would silently use epsilon, 0.2)")

@@ -18,6 +18,7 @@ from reinforge.config.schema import ReinforgeConfig
 from reinforge.rollout.inprocess import InProcessBackend
 from reinforge.rollout.prepare import RolloutPreparer, SamplerCorrectionSpec
 from reinforge.rollout.producer import RolloutProducer
+from reinforge.rollout.snapshot import SnapshotBackend, SnapshotSync
 from reinforge.rollout.sync import FullWeightSync, LoraFileSync, SharedWeights
 from reinforge.rollout.types import SamplingParams
 
@@ -60,14 +61,19 @@ def sampling_params(cfg: ReinforgeConfig) -> SamplingParams:
 
 
 def build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_main: bool = True):
-    """(backend, weight sync, resources) for the config: in-process generation on the policy, or a vLLM server
+    """(backend, weight sync, resources) for the config: in-process generation on the policy or on a snapshot copy
+    of its weights (`trl.inprocess_sampler`), or a vLLM server
     (waited for up to `trl.vllm_server_timeout`; VLLMError naming the URL when it never answers). `resources` is
     a context manager that closes the connections and removes a temporary sync directory. With several
     processes every process talks to the server (each sends its own prompts); only the main process syncs."""
     t = cfg.trl
     resources = ExitStack()
     if not t.use_vllm:
-        return InProcessBackend(policy, tokenizer.pad_token_id, eos_token_ids(policy, tokenizer)), SharedWeights(), resources
+        eos = eos_token_ids(policy, tokenizer)
+        if t.snapshot_sampler:
+            sync = SnapshotSync(dtype=getattr(torch, t.inprocess_sampler_dtype))
+            return SnapshotBackend(sync, tokenizer.pad_token_id, eos), sync, resources
+        return InProcessBackend(policy, tokenizer.pad_token_id, eos), SharedWeights(), resources
     from reinforge.rollout.vllm import VLLMClient, VLLMServerBackend
 
     client = VLLMClient(t.server_url, timeout=t.vllm_server_timeout, api_key=cfg.vllm.api_key)
@@ -126,10 +132,11 @@ def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool
 
 
 def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int) -> RolloutPreparer:
-    """The RolloutPreparer of the config (sampler correction on with vLLM unless switched off)."""
+    """The RolloutPreparer of the config (sampler correction on with a vLLM or snapshot sampler unless switched
+    off)."""
     t = cfg.trl
     correction = None
-    if t.use_vllm and t.vllm_importance_sampling_correction:
+    if (t.use_vllm or t.snapshot_sampler) and t.vllm_importance_sampling_correction:
         correction = SamplerCorrectionSpec(t.vllm_importance_sampling_mode, t.importance_sampling_cap,
                                            t.vllm_importance_sampling_clip_min)
     return RolloutPreparer(tokenizer.pad_token_id, t.reward_weights or [1.0] * n_funcs, scale_rewards=t.scale_rewards,
