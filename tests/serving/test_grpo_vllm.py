@@ -21,8 +21,18 @@ from conftest_vllm import Server, free_port, vllm_tiny_model_dir  # noqa: F401 (
 pytestmark = pytest.mark.vllm
 
 REWARDS = '''
+import os
+
+
 def even_tokens(prompts, completions, completion_ids, **kwargs):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+
+def even_tokens_logged(prompts, completions, completion_ids, **kwargs):
+    """even_tokens; appends the number of completions of each call to $CHUNK_LOG."""
+    with open(os.environ["CHUNK_LOG"], "a") as f:
+        f.write(f"{len(completion_ids)}\\n")
+    return even_tokens(prompts, completions, completion_ids)
 '''
 
 
@@ -167,6 +177,25 @@ def test_async_prefetch_end_to_end(tiny_server, vllm_tiny_model_dir, tmp_path, m
     # the policy moved between sampling and training: the correction sees it (same weights: ratio exactly ~1)
     stale_steps = [x for x, s in zip(m, staleness) if s > 0]
     assert max(x["sampling/sampling_logp_difference/max"] for x in stale_steps) > 0.05
+
+
+def test_streaming_scores_groups_as_they_finish(tiny_server, vllm_tiny_model_dir, tmp_path, monkeypatch):
+    """streaming_partial_batch: the reward function sees one finished group (4 completions) per call instead of the
+    rollout's 8, and the run's numbers equal the non-streaming run's (same seeded requests, same rewards)."""
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for name, streaming in (("whole", False), ("streamed", True)):
+        monkeypatch.setenv("CHUNK_LOG", str(tmp_path / f"{name}.log"))
+        trl = {"use_data_producer": True, "async_prefetch": True, "streaming_partial_batch": streaming,
+               "streaming_min_groups": 1, "reward_funcs": ["vllm_rewards.even_tokens_logged"]}
+        cfg = write_run(tmp_path, vllm_tiny_model_dir, tiny_server.url, name=name, max_steps=2, trl=trl)
+        assert main(["train", str(cfg)]) == 0
+        runs[name] = metrics(tmp_path / name)
+        runs[name + "_chunks"] = (tmp_path / f"{name}.log").read_text().split()
+    assert set(runs["whole_chunks"]) == {"8"} and set(runs["streamed_chunks"]) == {"4"}  # 2 prompts × 4 per rollout
+    for x, y in zip(runs["whole"], runs["streamed"], strict=True):
+        assert x["reward"] == y["reward"] and x["completions/mean_length"] == y["completions/mean_length"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
 
 
 def test_server_stopped_mid_run_leaves_a_checkpoint(tiny_server, vllm_tiny_model_dir, tmp_path, monkeypatch, capsys):

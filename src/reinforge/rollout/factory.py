@@ -124,11 +124,17 @@ def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool
     from reinforge.rollout.functions import load_rollout_function
 
     t = cfg.trl
-    return RolloutProducer(
+    producer = RolloutProducer(
         tokenizer, backend, [f.name for f in funcs], sampling_params(cfg),
         lambda p, c, ids, cols: score(funcs, p, c, cols, timeout=t.reward_timeout, completion_ids=ids, pool=pool),
         chat_kwargs=t.chat_template_kwargs, max_prompt_length=t.max_prompt_length,
-        rollout_fn=load_rollout_function(t.rollout_func), model=policy, eos_token_id=tokenizer.eos_token_id)
+        rollout_fn=load_rollout_function(t.rollout_func), model=policy, eos_token_id=tokenizer.eos_token_id,
+        stream_groups=t.streaming_min_groups if t.streaming_partial_batch else None)
+    if t.streaming_partial_batch and not producer.streams:
+        log.warning("streaming_partial_batch has no effect here: the %s %s finishes all groups of a rollout together "
+                    "(groups stream from a vLLM server)", backend.name,
+                    "rollout function" if t.rollout_func else "backend")
+    return producer
 
 
 def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int) -> RolloutPreparer:

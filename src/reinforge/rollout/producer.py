@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import torch
+
 from reinforge.rewards import format_completions
 from reinforge.rollout.functions import RolloutFunction
-from reinforge.rollout.types import Rollout, SamplingParams
+from reinforge.rollout.types import Completions, Rollout, SamplingParams
 
 
 class RolloutProducer:
@@ -29,12 +31,18 @@ class RolloutProducer:
         rollout_fn: a user's RolloutFunction replacing generation (None: the backend).
         model: the policy module, handed only to rollout functions of the forms that take it.
         eos_token_id: the EOS id (for rollout functions returning strings).
+        stream_groups: score prompt groups as they finish, this many at a time (`trl.streaming_partial_batch` /
+            `streaming_min_groups`), when the backend yields groups (`generate_groups`: the vLLM server); None:
+            score the whole rollout at once. Rewards of per-completion reward functions do not change; a reward
+            function that looks at the whole batch sees a chunk of it.
     """
 
     def __init__(self, tokenizer, backend, reward_names: list[str], params: SamplingParams, score_fn: Callable, *,
                  chat_kwargs: dict[str, Any] | None = None, max_prompt_length: int | None = None,
-                 rollout_fn: RolloutFunction | None = None, model: Any = None, eos_token_id: int | None = None):
+                 rollout_fn: RolloutFunction | None = None, model: Any = None, eos_token_id: int | None = None,
+                 stream_groups: int | None = None):
         self.tokenizer, self.backend, self.params = tokenizer, backend, params
+        self.stream_groups = stream_groups
         self.reward_names, self.score_fn = reward_names, score_fn
         self.chat_kwargs, self.max_prompt_length = chat_kwargs or {}, max_prompt_length
         self.rollout_fn, self.model = rollout_fn, model
@@ -54,6 +62,11 @@ class RolloutProducer:
             ids = ids[-self.max_prompt_length:]
         return ids
 
+    @property
+    def streams(self) -> bool:
+        """Whether `produce` scores groups while the others are still generated."""
+        return bool(self.stream_groups) and self.rollout_fn is None and hasattr(self.backend, "generate_groups")
+
     def produce(self, rows: list[dict[str, Any]], seed: int | None, version: int) -> Rollout:
         """Generate G completions for each of the P rows, decode and score them.
 
@@ -66,6 +79,8 @@ class RolloutProducer:
         """
         G = self.params.n
         prompt_ids = [self.prompt_ids(r["prompt"]) for r in rows]
+        if self.streams:
+            return self._produce_streaming(rows, prompt_ids, seed, version)
         t0 = time.perf_counter()
         if self.rollout_fn is None:
             out = self.backend.generate(prompt_ids, self.params, seed).check(len(rows) * G, f"{self.backend.name} backend")
@@ -73,20 +88,67 @@ class RolloutProducer:
             out = self.rollout_fn(rows, prompt_ids, backend=self.backend, tokenizer=self.tokenizer, params=self.params,
                                   model=self.model, eos_token_id=self.eos_token_id, seed=seed)
         t_gen = time.perf_counter() - t0
-        expanded = out.prompt_ids or [p for p in prompt_ids for _ in range(G)]
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        t0 = time.perf_counter()
+        rewards = self._score(rows, out, texts)
+        return self._rollout(rows, prompt_ids, out, texts, rewards, version,
+                             {"generation": t_gen, "scoring": time.perf_counter() - t0})
+
+    def _score(self, rows: list[dict[str, Any]], out: Completions, texts: list[str]):
+        """[len(rows) × G, K] rewards of the completions `out` of `rows`."""
+        G = self.params.n
         prompts = [r["prompt"] for r in rows for _ in range(G)]
-        completions = format_completions(prompts, texts)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
         columns.update(out.extra)
         columns["completion_truncated"] = list(out.truncated)
         columns["max_completion_length"] = [self.params.max_new_tokens] * len(texts)
-        t0 = time.perf_counter()
-        rewards = self.score_fn(prompts, completions, out.completion_ids, columns)
-        t_score = time.perf_counter() - t0
+        return self.score_fn(prompts, format_completions(prompts, texts), out.completion_ids, columns)
+
+    def _rollout(self, rows, prompt_ids, out: Completions, texts, rewards, version: int, timings) -> Rollout:
+        expanded = out.prompt_ids or [p for p in prompt_ids for _ in range(self.params.n)]
         return Rollout(rows=list(rows), prompt_ids=expanded, completion_ids=out.completion_ids,
                        loss_mask=out.loss_mask or [[1] * len(c) for c in out.completion_ids],
                        sampler_logps=out.logprobs, truncated=list(out.truncated), texts=texts, rewards=rewards,
-                       reward_names=list(self.reward_names), policy_version=version, num_generations=G,
-                       timings={"generation": t_gen, "scoring": t_score})
+                       reward_names=list(self.reward_names), policy_version=version, num_generations=self.params.n,
+                       timings=timings)
 
+    def _produce_streaming(self, rows, prompt_ids, seed: int | None, version: int) -> Rollout:
+        """`produce` with groups scored `stream_groups` at a time as they finish (see the class docstring).
+        Timings: "generation" until the last group arrived, "scoring" the scoring time (mostly overlapped)."""
+        G = self.params.n
+        groups: dict[int, tuple[Completions, list[str]]] = {}
+        rewards: dict[int, Any] = {}
+        waiting: list[int] = []
+        t0, t_score = time.perf_counter(), 0.0
+
+        def score_waiting() -> None:
+            part = [groups[g] for g in waiting]
+            out = Completions(completion_ids=[c for o, _ in part for c in o.completion_ids],
+                              truncated=[x for o, _ in part for x in o.truncated])
+            r = self._score([rows[g] for g in waiting], out, [x for _, texts in part for x in texts])
+            for j, g in enumerate(waiting):
+                rewards[g] = r[j * G:(j + 1) * G]
+            waiting.clear()
+
+        for g, out in self.backend.generate_groups(prompt_ids, self.params, seed):
+            groups[g] = (out.check(G, f"{self.backend.name} backend"),
+                         self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True))
+            waiting.append(g)
+            if len(waiting) >= self.stream_groups:
+                ts = time.perf_counter()
+                score_waiting()
+                t_score += time.perf_counter() - ts
+        t_gen = time.perf_counter() - t0
+        ts = time.perf_counter()
+        if waiting:
+            score_waiting()
+        t_score += time.perf_counter() - ts
+        order = range(len(rows))
+        parts = [groups[g][0] for g in order]
+        out = Completions(completion_ids=[c for o in parts for c in o.completion_ids],
+                          truncated=[x for o in parts for x in o.truncated],
+                          logprobs=None if any(o.logprobs is None for o in parts) else
+                          [x for o in parts for x in o.logprobs])
+        texts = [x for g in order for x in groups[g][1]]
+        return self._rollout(rows, prompt_ids, out, texts, torch.cat([rewards[g] for g in order]), version,
+                             {"generation": t_gen, "scoring": t_score})

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Iterator
 
 import httpx
 
@@ -153,17 +153,46 @@ class VLLMServerBackend:
         self.client = client
         self.max_concurrency = max_concurrency
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int | None = None) -> Completions:
-        """`params.n` completions per prompt, prompt-major. With `seed`: one request per completion (n = 1) seeded
-        by `completion_seed(seed, i)`; without: one request per prompt with n. Raises VLLMError."""
+    def _jobs(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int | None) -> list[tuple[int, dict]]:
+        """(prompt index, request body) pairs: with `seed` one request per completion (n = 1) seeded by
+        `completion_seed(seed, i)`, without one request per prompt with n."""
         body = request_body(params)
         if seed is None:
-            jobs = [{**body, "prompt": p, "n": params.n} for p in prompt_ids]
-        else:
-            jobs = [{**body, "prompt": p, "n": 1, "seed": completion_seed(seed, i * params.n + j)}
-                    for i, p in enumerate(prompt_ids) for j in range(params.n)]
+            return [(i, {**body, "prompt": p, "n": params.n}) for i, p in enumerate(prompt_ids)]
+        return [(i, {**body, "prompt": p, "n": 1, "seed": completion_seed(seed, i * params.n + j)})
+                for i, p in enumerate(prompt_ids) for j in range(params.n)]
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int | None = None) -> Completions:
+        """`params.n` completions per prompt, prompt-major (requests as `_jobs`). Raises VLLMError."""
+        jobs = [body for _, body in self._jobs(prompt_ids, params, seed)]
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(jobs)))) as pool:
             answers = list(pool.map(self.client.complete, jobs))
+        return self._parse(answers)
+
+    def generate_groups(self, prompt_ids: list[list[int]], params: SamplingParams,
+                        seed: int | None = None) -> Iterator[tuple[int, Completions]]:
+        """The same completions as `generate`, yielded as (prompt index, its n completions) in the order the groups
+        finish, so the caller can score a group while the others are still sampled. Raises VLLMError; requests not
+        sent yet are cancelled when the caller stops iterating."""
+        jobs = self._jobs(prompt_ids, params, seed)
+        per_group = 1 if seed is None else params.n
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(jobs))))
+        try:
+            futures = {}
+            for k, (group, body) in enumerate(jobs):
+                futures[pool.submit(self.client.complete, body)] = (group, k)
+            done: dict[int, dict[int, Any]] = {}
+            for future in as_completed(futures):
+                group, k = futures[future]
+                done.setdefault(group, {})[k] = future.result()
+                if len(done[group]) == per_group:
+                    answers = done.pop(group)
+                    yield group, self._parse([answers[j] for j in sorted(answers)])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _parse(self, answers: list[dict[str, Any]]) -> Completions:
+        """/v1/completions answers → Completions (choices in index order within each answer)."""
         ids, truncated, logprobs = [], [], []
         for answer in answers:
             for choice in sorted(answer["choices"], key=lambda c: c["index"]):
