@@ -211,3 +211,23 @@ def test_zero_advantage_skipping_on_two_processes(tmp_path, tiny_model_dir, monk
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+
+
+# the trl keys of Axolotl's "Full Async GRPO Example" (docs/rlhf), with the seed's values
+SEED_ASYNC_KEYS = {"use_data_producer": True, "use_vllm": True, "async_prefetch": True, "prefetch_depth": 1,
+                   "vllm_sync_interval": 2, "vllm_lora_sync": True, "streaming_partial_batch": True,
+                   "vllm_importance_sampling_correction": True, "off_policy_mask_threshold": 0.5,
+                   "importance_sampling_level": "token", "num_generations": 8, "max_completion_length": 512,
+                   "reroll_start_fraction": 0.5, "replay_buffer_size": 100, "reward_num_workers": 4,
+                   "skip_zero_advantage_batches": True}
+
+
+def test_async_example_keeps_the_seed_keys_and_validates(capsys):
+    from conftest import ROOT
+
+    example = ROOT / "examples" / "grpo-async-gsm8k.yaml"
+    raw = yaml.safe_load(example.read_text())
+    assert {k: raw["trl"][k] for k in SEED_ASYNC_KEYS} == SEED_ASYNC_KEYS
+    assert (raw["gradient_accumulation_steps"], raw["micro_batch_size"], raw["max_steps"], raw["bf16"],
+            raw["gradient_checkpointing"], raw["lora_r"], raw["lora_alpha"]) == (4, 2, 500, True, True, 32, 64)
+    assert main(["validate", str(example)]) == 0
