@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import threading
-import types
-from collections import defaultdict
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from reinforge.algorithms.policy_losses import policy_loss_terms
 from reinforge.rollout.curate import (ReplayBuffer, RerollBuffer, failed_groups, replay_scores, zero_signal_groups)
 from reinforge.rollout.prefetch import Prefetcher
 from reinforge.rollout.types import Rollout
+
+from test_policy_losses import trl_compute_loss
 
 
 def t(values):
@@ -54,24 +54,6 @@ def test_off_policy_mask_matches_trl():
         assert ours.tolist() == theirs.tolist()
 
 
-def _trl_loss(per_token_logps, inputs, *, beta, level, threshold, bias_correction_kl):
-    """TRL 1.16's GRPOTrainer._compute_loss (bnpo) on a stand-in, with the off-policy mask and bias-corrected KL."""
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    ns = types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, torch.zeros_like(per_token_logps), None),
-        get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=threshold,
-        importance_sampling_level=level, beta=beta, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.28,
-        args=types.SimpleNamespace(use_bias_correction_kl=bias_correction_kl, delta=None, steps_per_generation=1),
-        use_vllm=True, vllm_importance_sampling_correction=True, model=types.SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=8, _entropy_bonus_enabled=False,
-        accelerator=types.SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-    )
-    return GRPOTrainer._compute_loss(ns, None, inputs)
-
-
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("bias_correction_kl", [False, True])
 def test_mask_and_bias_corrected_kl_match_trl(level, bias_correction_kl):
@@ -90,7 +72,9 @@ def test_mask_and_bias_corrected_kl_match_trl(level, bias_correction_kl):
               "old_per_token_logps": old, "ref_per_token_logps": ref, "sampling_per_token_logps": sampler,
               "importance_sampling_ratio": rho, "num_items_in_batch": mask.sum()}
     theirs_logps = logps.clone().requires_grad_()
-    theirs = _trl_loss(theirs_logps, inputs, beta=0.05, level=level, threshold=0.3, bias_correction_kl=bias_correction_kl)
+    theirs, _ = trl_compute_loss(theirs_logps, torch.zeros_like(theirs_logps), inputs, loss_type="bnpo", beta=0.05,
+                                 level=level, eps_low=0.2, eps_high=0.28, max_completion_length=8, sampler_correction=True,
+                                 off_policy_mask_threshold=0.3, use_bias_correction_kl=bias_correction_kl)
     theirs.backward()
     ours_logps = logps.clone().requires_grad_()
     terms = policy_loss_terms(ours_logps, adv, mask, epsilon_low=0.2, epsilon_high=0.28, loss_type="bnpo",

@@ -75,3 +75,40 @@ def test_weights_scale_the_surrogate_before_the_kl_term():
     assert torch.allclose(terms.per_token_loss, torch.tensor([[-3.0, -0.75]]))  # KL is 0 at ref == policy
     terms.per_token_loss.sum().backward()
     assert torch.allclose(logps.grad, torch.tensor([[-3.0, -0.75]]))  # d(−ρ·A·exp(lp − lp.detach()))/dlp = −ρ·A
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_weights_from_the_training_forward_equal_a_separate_old_forward(mode):
+    """On-policy rollouts leave the weights to the loss (RolloutBatch.correction): π_old is the training forward's
+    own detached log-probs. Same loss, gradient and sampling metrics as weights computed beforehand from an
+    old-policy forward of the same weights."""
+    from reinforge.rollout.prepare import RolloutBatch, SamplerCorrectionSpec
+    from reinforge.training.online_objective import PolicyGradientObjective
+
+    g = torch.Generator().manual_seed(0)
+    n_tokens = torch.tensor([3, 2, 4])
+    flat = -torch.rand(9, generator=g, dtype=torch.float64)
+    padded = torch.tensor([[0, 1, 2, -1], [3, 4, -1, -1], [5, 6, 7, 8]])
+    mask = padded >= 0
+    old = torch.where(mask, flat[padded.clamp(min=0)], torch.zeros((), dtype=torch.float64))
+    sampler = old + (torch.rand(3, 4, generator=g, dtype=torch.float64) - 0.5) * 0.6
+    spec = SamplerCorrectionSpec(mode, 2.0, None)
+    adv = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
+    objective = PolicyGradientObjective(epsilon_low=0.2, epsilon_high=0.2, beta=0.0, importance_sampling_level="token",
+                                        loss_type="dapo", max_completion_length=4, gradient_accumulation_steps=1)
+
+    def run(mb):
+        logps = flat.clone().requires_grad_()
+        loss, metrics = objective({"token_logps": logps, "token_entropy": torch.zeros(9, dtype=torch.float64)}, mb, 9.0)
+        loss.backward()
+        return loss, logps.grad, metrics
+
+    batch = {"n_tokens": n_tokens}
+    corr = sampler_importance_weights(old, sampler, mask, mode=mode, cap_max=2.0)
+    ahead = run(RolloutBatch(batch, mask, adv, old, None, {}, sampler_weights=corr.weights, sampler_logps=sampler))
+    deferred = run(RolloutBatch(batch, mask, adv, None, None, {}, sampler_logps=sampler, correction=spec))
+    torch.testing.assert_close(deferred[0], ahead[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(deferred[1], ahead[1], atol=1e-12, rtol=0)
+    for name, value in sampler_metrics(corr, old, sampler, mask).items():
+        assert deferred[2][name].item() == pytest.approx(value.item(), abs=1e-12), name
+    assert corr.weights.min() < 1.0 < corr.weights.max() or mode.startswith("sequence")

@@ -4,8 +4,6 @@ against TRL 1.16 (GRPOTrainer._compute_loss run on a stand-in object; trl.traine
 from __future__ import annotations
 
 import math
-import types
-from collections import defaultdict
 
 import pytest
 import torch
@@ -13,6 +11,8 @@ import torch
 from reinforge.algorithms.aggregation import aggregate_loss
 from reinforge.algorithms.logprobs import entropy_from_logits
 from reinforge.algorithms.policy_losses import policy_loss_terms
+
+from test_policy_losses import trl_compute_loss
 from reinforge.algorithms.policy_gradient import (
     clip_ratio_metrics,
     clipped_surrogate_loss,
@@ -131,26 +131,6 @@ def test_entropy_by_hand_and_against_trl():
 
 
 # ---------------------------------------------------------------- against TRL 1.16
-
-
-def trl_compute_loss(per_token_logps, entropies, inputs, *, loss_type, beta, level, eps_low, eps_high,
-                     max_completion_length, ga=1):
-    """TRL's real GRPOTrainer._compute_loss on a stand-in carrying only the attributes it reads; the
-    model forward is replaced by returning `per_token_logps` / `entropies`."""
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    ns = types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, entropies, None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=ga),
-        use_vllm=False, model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=ga,
-        max_completion_length=max_completion_length, _entropy_bonus_enabled=False,
-        accelerator=types.SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-    )
-    loss = GRPOTrainer._compute_loss(ns, None, inputs)
-    return loss, {k: v[0] for k, v in ns._metrics["train"].items()}
 
 
 def _batch(seed=0, b=4, t_len=5):

@@ -230,7 +230,8 @@ def test_luspo_by_hand():
 
 
 def trl_compute_loss(per_token_logps, entropies, inputs, *, loss_type, beta, level, eps_low, eps_high,
-                     max_completion_length, ga, sapo, vespo, sampler_correction):
+                     max_completion_length, ga=1, sapo=(1.0, 1.05), vespo=(2.0, 3.0, 3.0, 2.0), sampler_correction=False,
+                     off_policy_mask_threshold=None, use_bias_correction_kl=False):
     """TRL's real GRPOTrainer._compute_loss on a stand-in carrying only the attributes it reads (extended
     from tests/unit/test_policy_gradient.py with the sapo/vespo config and the vLLM IS switches); the model
     forward is replaced by returning `per_token_logps` / `entropies`. Returns (loss, logged metrics)."""
@@ -238,11 +239,11 @@ def trl_compute_loss(per_token_logps, entropies, inputs, *, loss_type, beta, lev
 
     ns = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, entropies, None),
-        get_gamma_weights=GRPOTrainer.get_gamma_weights,
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        get_gamma_weights=GRPOTrainer.get_gamma_weights, get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=off_policy_mask_threshold,
         importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
         args=types.SimpleNamespace(
-            use_bias_correction_kl=False, delta=None, steps_per_generation=ga,
+            use_bias_correction_kl=use_bias_correction_kl, delta=None, steps_per_generation=ga,
             sapo_temperature_pos=sapo[0], sapo_temperature_neg=sapo[1],
             vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1], vespo_k_neg=vespo[2], vespo_lambda_neg=vespo[3],
         ),

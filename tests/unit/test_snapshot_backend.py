@@ -242,3 +242,24 @@ def test_errors():
         backend.generate([[1], []], SamplingParams(n=1, max_new_tokens=4), seed=0)
     with pytest.raises(RuntimeError, match="ties"):
         backend.sync.push(tiny_llama(tie=False), 1)  # the snapshot is tied; an untied policy does not fit it
+
+
+def test_draws_follow_the_processed_distribution():
+    """First-token frequencies over 4000 seeded completions equal the processed probabilities (temperature 0.8,
+    top-k 6): the inverse-CDF draw samples the categorical it reports log-probs of, and never a masked token."""
+    model = tiny_llama()
+    backend, _ = make_backend(model, eos=[99])
+    params = SamplingParams(n=4000, max_new_tokens=1, temperature=0.8, top_k=6)
+    out = backend.generate([PROMPTS[1]], params, seed=3)
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[1]])).logits[0, -1] / 0.8
+    top = torch.topk(logits, 6)
+    probs = torch.softmax(top.values, -1)
+    counts = torch.bincount(torch.tensor([c[0] for c in out.completion_ids]), minlength=100).double()
+    assert counts.sum() == counts[top.indices].sum()  # only the top 6 are drawn
+    freq = counts[top.indices] / 4000
+    assert torch.allclose(freq, probs.double(), atol=0.025), (freq, probs)  # sd of a frequency ≤ 0.008
+    reported = {c[0]: lp[0] for c, lp in zip(out.completion_ids, out.logprobs)}
+    for token, p in zip(top.indices.tolist(), probs.tolist()):
+        if token in reported:
+            assert reported[token] == pytest.approx(torch.log(torch.tensor(p)).item(), abs=1e-5)

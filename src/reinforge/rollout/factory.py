@@ -137,7 +137,7 @@ def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool
     return producer
 
 
-def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int) -> RolloutPreparer:
+def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int, old_from_training: bool = False) -> RolloutPreparer:
     """The RolloutPreparer of the config (sampler correction on with a vLLM or snapshot sampler unless switched
     off)."""
     t = cfg.trl
@@ -147,4 +147,4 @@ def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int) -> RolloutPrep
                                            t.vllm_importance_sampling_clip_min)
     return RolloutPreparer(tokenizer.pad_token_id, t.reward_weights or [1.0] * n_funcs, scale_rewards=t.scale_rewards,
                            aggregation=t.multi_objective_aggregation, mask_truncated=t.mask_truncated_completions,
-                           correction=correction)
+                           correction=correction, old_from_training=old_from_training)

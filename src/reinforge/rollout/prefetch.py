@@ -8,9 +8,12 @@ weight syncs, broadcasting results to the other processes, preparation — stays
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 class Prefetcher:
@@ -62,7 +65,9 @@ class Prefetcher:
         for index in sorted(self._jobs):
             try:
                 done[index] = self._jobs[index].result()
-            except Exception:  # noqa: BLE001 - the failure resurfaces when the rollout is produced again
+            except Exception as exc:  # noqa: BLE001 - it resurfaces when the rollout is produced again
+                log.warning("prefetched rollout %d failed (%s: %s); it will be produced again", index,
+                            type(exc).__name__, exc)
                 del self._jobs[index]
         return done
 

@@ -34,6 +34,8 @@ class RolloutBatch:
         `num_items_in_batch` basis of the "dapo" aggregation.
     sampler_weights: [N, T] or [N, 1] importance weights π_old/μ (None: no correction).
     sampler_logps: [N, T] the sampler's log-probs (None when the backend gave none).
+    correction: set when the importance weights are left to the training forward (on-policy rollouts, see
+        `RolloutPreparer`): the loss computes them from its own detached log-probs as π_old.
     policy_version: optimiser steps of the weights that sampled it.
     """
 
@@ -47,6 +49,7 @@ class RolloutBatch:
     loss_tokens: float = 0.0
     sampler_weights: torch.Tensor | None = None
     sampler_logps: torch.Tensor | None = None
+    correction: "SamplerCorrectionSpec | None" = None
     policy_version: int = 0
 
     @property
@@ -66,7 +69,8 @@ class RolloutBatch:
         cut = lambda t: None if t is None else t[sl, :T] if t.shape[-1] != 1 else t[sl]  # noqa: E731
         return RolloutBatch(sub, self.mask[sl, :T], self.advantages[sl], cut(self.old_logps), cut(self.ref_logps), {},
                             loss_tokens=self.loss_tokens, sampler_weights=cut(self.sampler_weights),
-                            sampler_logps=cut(self.sampler_logps), policy_version=self.policy_version)
+                            sampler_logps=cut(self.sampler_logps), correction=self.correction,
+                            policy_version=self.policy_version)
 
 
 def per_token(out: dict[str, torch.Tensor], n_tokens: torch.Tensor, key: str = "token_logps") -> torch.Tensor:
@@ -101,18 +105,27 @@ class RolloutPreparer:
         mask_truncated: drop truncated completions from the loss.
         correction: sampler importance-sampling settings, or None (off). Applied only to rollouts with sampler
             log-probs.
+        old_from_training: the rollout is trained once, within one optimiser step, by the weights that prepare it
+            (num_iterations 1, its micro-batches inside one accumulation window): then π_old is the training
+            forward's own log-probs, so no old-policy forward runs here and the weights are computed in the loss
+            (`RolloutBatch.correction`); the same numbers for one forward less.
     """
 
     def __init__(self, pad_token_id: int, reward_weights: list[float], *, scale_rewards, aggregation: str,
-                 mask_truncated: bool, correction: SamplerCorrectionSpec | None = None):
+                 mask_truncated: bool, correction: SamplerCorrectionSpec | None = None,
+                 old_from_training: bool = False):
         self.pad_token_id = pad_token_id
         self.reward_weights = torch.tensor(reward_weights, dtype=torch.float32)
         self.scale_rewards, self.aggregation = scale_rewards, aggregation
-        self.mask_truncated, self.correction = mask_truncated, correction
+        self.mask_truncated, self.correction, self.old_from_training = mask_truncated, correction, old_from_training
+
+    def corrects(self, rollout: Rollout) -> bool:
+        """Whether this rollout gets sampler importance weights."""
+        return self.correction is not None and rollout.sampler_logps is not None
 
     def needs_old_logps(self, rollout: Rollout) -> bool:
         """Whether the correction needs the old-policy forward for this rollout."""
-        return self.correction is not None and rollout.sampler_logps is not None
+        return self.corrects(rollout) and not self.old_from_training
 
     def prepare(self, rollout: Rollout, policy_logps: Callable | None, ref_logps: Callable | None) -> RolloutBatch:
         """Advantages, batch, forwards, weights and metrics of `rollout` (collective: every process calls it).
@@ -135,8 +148,8 @@ class RolloutPreparer:
         truncated = torch.tensor(rollout.truncated)
         if self.mask_truncated:
             mask = mask & ~truncated.unsqueeze(1)
-        correct = self.needs_old_logps(rollout)
-        if correct and policy_logps is None:
+        correct = self.corrects(rollout)
+        if correct and policy_logps is None and (not self.old_from_training or rollout.old_logps is not None):
             raise ValueError("the sampler correction needs the old-policy forward (policy_logps)")
         old = per_token(policy_logps(batch), batch["n_tokens"]).detach() if policy_logps is not None else None
         if old is not None and rollout.old_logps is not None:  # replayed groups that kept theirs
@@ -145,9 +158,11 @@ class RolloutPreparer:
                     old[i, :len(row)] = torch.tensor(row, dtype=old.dtype)
         ref = per_token(ref_logps(batch), batch["n_tokens"]).detach() if ref_logps else None
         metrics: dict[str, float] = {}
-        weights = None
+        weights, deferred = None, None
         sampler = pad_per_token(rollout.sampler_logps, T) if rollout.sampler_logps is not None else None
-        if correct:
+        if correct and old is None:
+            deferred = self.correction  # the loss weighs with its own detached log-probs (old_from_training)
+        elif correct:
             c = self.correction
             corr = sampler_importance_weights(old, sampler, mask, mode=c.mode, cap_max=c.cap_max, cap_min=c.cap_min)
             weights = corr.weights
@@ -168,4 +183,5 @@ class RolloutPreparer:
                  for i, (p, t) in enumerate(zip(rollout.prompts(), rollout.texts))]
         loss_tokens = float(sum_across(mask.sum().double())) / world_size
         return RolloutBatch(batch, mask, advantages, old, ref, metrics, table, loss_tokens=loss_tokens,
-                            sampler_weights=weights, sampler_logps=sampler, policy_version=rollout.policy_version)
+                            sampler_weights=weights, sampler_logps=sampler, correction=deferred,
+                            policy_version=rollout.policy_version)

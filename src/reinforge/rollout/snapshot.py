@@ -248,9 +248,12 @@ class SnapshotBackend:
             for warper in warpers:
                 scores = warper(sequences, scores)
             logp = torch.log_softmax(scores, dim=-1)
-            probs = logp.exp()
-            # one private generator per completion: the draw does not depend on which rows share the batch
-            tokens = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+            # inverse-CDF sampling with one uniform per completion from its private generator: the draw does not
+            # depend on which rows share the batch (first token whose cumulative probability exceeds u·total)
+            cdf = logp.exp().double().cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=g, device=device, dtype=torch.float64) for g in generators])
+            tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            tokens = tokens.clamp(max=cdf.shape[1] - 1)
             token_lp = logp.gather(1, tokens[:, None]).squeeze(1)
             done = torch.isin(tokens, eos)
             for c, t, lp, d in zip(active.tolist(), tokens.tolist(), token_lp.tolist(), done.tolist()):

@@ -41,6 +41,20 @@ def rollout_seed(seed: int, index: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}:{rank}".encode()).digest()[:8], "big") >> 1
 
 
+def _describe(exc: Exception) -> tuple[bool, str]:
+    """(is a VLLMError, message) of a producer failure: what the other processes need to raise it (picklable)."""
+    from reinforge.rollout.vllm import VLLMError
+
+    return isinstance(exc, VLLMError), f"{exc}" if isinstance(exc, VLLMError) else f"{type(exc).__name__}: {exc}"
+
+
+def _follower_error(server: bool, message: str) -> Exception:
+    """The main process's producer failure as raised on another process (a VLLMError stays one)."""
+    from reinforge.rollout.vllm import VLLMError
+
+    return VLLMError(message) if server else RuntimeError(f"the main process failed to produce a rollout: {message}")
+
+
 def _generator(seed: int, index: int, rank: int, purpose: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{index}:{rank}:{purpose}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
@@ -193,30 +207,41 @@ class RolloutStream:
             rollout = self._produce(index, self.plan.rank, version, row_ids)
             parts = [rollout]
         else:
-            parts = None
+            parts, failure = None, None
             if self.is_main:
-                if index not in self.prefetcher:
-                    self.prefetcher.submit(index, self._job(index))
-                parts, waited = self.prefetcher.take(index)
-                stale = self.current_version() - parts[0].policy_version
-                dropped = self.max_staleness is not None and stale > self.max_staleness
-                if dropped:  # sampled too long ago: produce it again from the current weights
-                    log.info("rollout %d is %d versions stale (max_staleness %d): sampling it again", index, stale,
-                             self.max_staleness)
-                    self.prefetcher.submit(index, self._job(index))
-                    parts, more = self.prefetcher.take(index)
-                    waited += more
-                for j in range(index + 1, index + 1 + self.depth):
-                    if j not in self.prefetcher:
-                        self.prefetcher.submit(j, self._job(j))
-                metrics = {"time/rollout_wait": waited, "sample/dropped_stale": float(dropped)}
-            parts = broadcast_from_main(parts)
+                try:
+                    parts, metrics = self._take_prefetched(index)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
+                    failure = exc
+            status = broadcast_from_main(("ok", parts) if failure is None else ("failed", _describe(failure)))
+            if status[0] == "failed":  # every process stops the same way (a server error checkpoints on all)
+                raise failure if failure is not None else _follower_error(*status[1])
+            parts = status[1]
             rollout = parts[self.plan.rank] if len(parts) > 1 else parts[0]
         if self.reroll is not None:  # held by the process that chooses the prompts: buffer its failed ones
             metrics["reroll_buffered"] = float(sum(self.reroll.record(p) for p in parts))
             metrics["reroll_buffer_size"] = float(len(self.reroll))
             metrics["reroll_injected"], self._counters["reroll_injected"] = float(self._counters["reroll_injected"]), 0
         return rollout, metrics
+
+    def _take_prefetched(self, index: int) -> tuple[list[Rollout], dict[str, float]]:
+        """Main process, async: every process's part of rollout `index` (produced again when too stale), then the
+        next rollouts queued."""
+        if index not in self.prefetcher:
+            self.prefetcher.submit(index, self._job(index))
+        parts, waited = self.prefetcher.take(index)
+        stale = self.current_version() - parts[0].policy_version
+        dropped = self.max_staleness is not None and stale > self.max_staleness
+        if dropped:  # sampled too long ago: produce it again from the current weights
+            log.info("rollout %d is %d versions stale (max_staleness %d): sampling it again", index, stale,
+                     self.max_staleness)
+            self.prefetcher.submit(index, self._job(index))
+            parts, more = self.prefetcher.take(index)
+            waited += more
+        for j in range(index + 1, index + 1 + self.depth):
+            if j not in self.prefetcher:
+                self.prefetcher.submit(j, self._job(j))
+        return parts, {"time/rollout_wait": waited, "sample/dropped_stale": float(dropped)}
 
     def _next_rollout(self) -> RolloutBatch:
         index = self.rollouts

@@ -79,13 +79,16 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         producer = build_producer(cfg, policy, tokenizer, backend, funcs, pool)
     except (ImportError, TypeError) as exc:  # trl.rollout_func cannot be imported or has no accepted form
         raise RunError(str(exc)) from None
-    preparer = build_preparer(cfg, tokenizer, len(funcs))
     try:
         plan = BatchPlan(len(data.train), _prompts_per_process(cfg, accelerator.num_processes), accelerator.process_index,
                          accelerator.num_processes, cfg.seed, drop_last=True)
     except ValueError as exc:
         raise RunError(f"{len(data.train)} prompts cannot fill one rollout: {exc}") from None
     micro_per_rollout = plan.per_process * t.num_generations // cfg.micro_batch_size
+    # each rollout trained once, inside one optimiser step, by the weights that prepare it: π_old is the training
+    # forward's own log-probs, and no old-policy forward is needed (the sampler correction is computed in the loss)
+    on_policy = t.num_iterations == 1 and cfg.gradient_accumulation_steps % micro_per_rollout == 0
+    preparer = build_preparer(cfg, tokenizer, len(funcs), old_from_training=on_policy)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * plan.per_epoch * t.num_iterations * micro_per_rollout
                                                     / cfg.gradient_accumulation_steps))
     optimizer = build_optimizer(cfg, module.parameters())
@@ -146,7 +149,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     try:
         stream = RolloutStream(plan, data.train, producer, preparer, cfg.micro_batch_size, t.num_iterations, cfg.seed,
                                policy_fn, ref_fn if beta > 0 else None, on_rollout,
-                               old_always=t.num_iterations > 1 or depth > 0 or (replay is not None and replay.keep_old_logps),
+                               old_always=not on_policy or (replay is not None and replay.keep_old_logps),
                                before_produce=before_produce, current_version=lambda: run.step, prefetch_depth=depth,
                                max_staleness=t.max_staleness, replay=replay, reroll=reroll,
                                position=saved.get("position"), state=saved.get("rollout"))

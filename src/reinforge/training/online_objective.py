@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from reinforge.algorithms.aggregation import aggregate_loss
+from reinforge.algorithms.importance_sampling import sampler_importance_weights, sampler_metrics
 from reinforge.algorithms.policy_gradient import masked_mean
 from reinforge.algorithms.policy_losses import policy_loss_metrics, policy_loss_terms
 from reinforge.algorithms.registry import method
@@ -54,15 +55,21 @@ class PolicyGradientObjective:
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n_tokens = mb.batch["n_tokens"]
         logps, entropy = per_token(out, n_tokens), per_token(out, n_tokens, "token_entropy")
+        weights, sampling = mb.sampler_weights, {}
+        if mb.correction is not None:  # on-policy rollout: π_old is this forward's own log-probs (RolloutPreparer)
+            c, old = mb.correction, logps.detach()
+            corr = sampler_importance_weights(old, mb.sampler_logps, mb.mask, mode=c.mode, cap_max=c.cap_max,
+                                              cap_min=c.cap_min)
+            weights, sampling = corr.weights, sampler_metrics(corr, old, mb.sampler_logps, mb.mask)
         terms = policy_loss_terms(logps, mb.advantages, mb.mask, epsilon_low=self.epsilon_low,
                                   epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                                   old_per_token_logps=mb.old_logps, importance_sampling_level=self.level,
-                                  beta=self.beta, ref_per_token_logps=mb.ref_logps, sampler_weights=mb.sampler_weights,
+                                  beta=self.beta, ref_per_token_logps=mb.ref_logps, sampler_weights=weights,
                                   sampler_logps=mb.sampler_logps, off_policy_mask_threshold=self.off_policy_mask_threshold,
                                   bias_correction_kl=self.bias_correction_kl, **self.kernels)
         loss = aggregate_loss(terms.per_token_loss, mb.mask, self.loss_type, max_completion_length=self.max_completion_length,
                               num_items_in_batch=num_items_in_batch, gradient_accumulation_steps=self.ga)
-        metrics = {"loss": loss.detach() * self.ga, "entropy": masked_mean(entropy, mb.mask),
+        metrics = {"loss": loss.detach() * self.ga, "entropy": masked_mean(entropy, mb.mask), **sampling,
                    **policy_loss_metrics(self.loss_type, terms.ratio, mb.advantages, mb.mask,
                                          epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, phi=terms.phi)}
         if terms.per_token_kl is not None:
