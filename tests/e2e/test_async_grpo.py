@@ -187,12 +187,7 @@ def test_zero_advantage_skipping_on_two_processes(tmp_path, tiny_model_dir, monk
            "lr_scheduler": "constant", "optimizer": "sgd", "use_tensorboard": False}
     (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", "grpo.yaml", "output_dir=one"]) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reinforge.cli", "train",
-                           "grpo.yaml", "output_dir=two", "micro_batch_size=2"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    two_processes(tmp_path, "grpo.yaml", "output_dir=two", "micro_batch_size=2")
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert sum(x["skipped_zero_adv_batches"] for x in two) == 6
     assert sorted({x["skipped_zero_adv_batches"] for x in two}) == [1.0, 2.0]
@@ -204,6 +199,40 @@ def test_zero_advantage_skipping_on_two_processes(tmp_path, tiny_model_dir, monk
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+
+
+def test_async_two_processes_equal_one(tmp_path, tiny_model_dir, monkeypatch):
+    """Async on 2 processes: the main process produces both parts of every rollout in its background thread and
+    broadcasts them; the run equals the single-process async run (deterministic completions from a rollout
+    function, as in tests/e2e/test_distributed.py)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zero_rollout.py").write_text(ZERO_ADV)
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me about number {i}."}]} for i in range(8)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    trl = {"num_generations": 4, "max_completion_length": 5, "rollout_func": "zero_rollout.fixed",
+           "reward_funcs": ["zero_rollout.even_tokens"], "scale_rewards": "batch", **ASYNC}
+    cfg = {"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl"}], "trl": trl,
+           "micro_batch_size": 8, "max_steps": 3, "learning_rate": 0.05, "lr_scheduler": "constant", "optimizer": "sgd",
+           "use_tensorboard": False}
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "grpo.yaml", "output_dir=one"]) == 0
+    two_processes(tmp_path, "grpo.yaml", "output_dir=two", "micro_batch_size=4")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [x["sample/staleness_mean"] for x in two] == [0.0, 1.0, 1.0]
+    for a, b in zip(one, two, strict=True):
+        for key in ("reward", "reward_std", "grad_norm", "loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+
+
+def two_processes(cwd, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reinforge.cli", "train",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 # the trl keys of Axolotl's "Full Async GRPO Example" (docs/rlhf), with the seed's values
