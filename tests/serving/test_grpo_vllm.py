@@ -170,7 +170,7 @@ def test_async_prefetch_end_to_end(tiny_server, vllm_tiny_model_dir, tmp_path, m
     m = metrics(tmp_path / "out")
     assert [x["sample/staleness_mean"] for x in m] == staleness
     assert [x["sample/staleness_max"] for x in m] == staleness
-    assert [x["sample/dropped_stale"] for x in m] == dropped
+    assert [x["sample/dropped_stale_total"] for x in m] == dropped
     for x in m:
         assert x["time/rollout_wait"] >= 0 and math.isfinite(x["sampling/importance_sampling_ratio/mean"])
         assert math.isfinite(x["loss"]) and x["grad_norm"] > 0

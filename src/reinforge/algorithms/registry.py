@@ -19,6 +19,8 @@ class MethodSpec:
     aggregation: the multi-reward aggregation the method implies (None: `trl.multi_objective_aggregation`).
     implemented: False for a method the config names but reinforge cannot train yet (a config error, never
         another method's loop); note: why, shown in that error.
+    rewards: where an online method's rewards come from: the user's `trl.reward_funcs` ("functions") or
+        EBFT's feature matching against each row's ground truth ("feature_matching", no reward functions).
     """
 
     name: str
@@ -30,6 +32,7 @@ class MethodSpec:
     aggregation: str | None = None
     implemented: bool = True
     note: str = ""
+    rewards: Literal["functions", "feature_matching"] = "functions"
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -41,8 +44,8 @@ METHODS: dict[str, MethodSpec] = {
     "grpo": MethodSpec("grpo", "prompt", needs_reference=True, online=True, objective="policy_gradient"),
     "gdpo": MethodSpec("gdpo", "prompt", needs_reference=True, online=True, objective="policy_gradient",
                        aggregation="normalize_then_sum"),
-    "ebft": MethodSpec("ebft", "prompt", needs_reference=False, online=True, objective=None, packing=False,
-                       implemented=False, note="EBFT feature-matching fine-tuning is planned, not built"),
+    "ebft": MethodSpec("ebft", "prompt", needs_reference=False, online=True, objective="policy_gradient",
+                       rewards="feature_matching"),
 }
 
 

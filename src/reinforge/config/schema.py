@@ -56,6 +56,7 @@ class DatasetConfig(StrictModel):
 
 
 from reinforge.config.async_grpo import AsyncGRPOKeys  # noqa: E402
+from reinforge.config.ebft import EBFTConfig  # noqa: E402
 from reinforge.config.vllm import VLLMServerConfig, VLLMTrainerKeys  # noqa: E402
 
 
@@ -127,6 +128,7 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
     rl: RLMethod = Field(description="Training method: dpo, ipo, kto, orpo, simpo, grpo, gdpo or ebft.")
     rl_beta: float | None = Field(default=None, gt=0.0, description="Temperature β of the preference loss (default 0.1; SimPO 2.0).")
     trl: TRLConfig = Field(default_factory=TRLConfig, description="TRL-style settings (online RL and shared knobs).")
+    ebft: EBFTConfig = Field(default_factory=EBFTConfig, description="EBFT feature-matching settings (rl: ebft; Axolotl's `ebft:` keys).")
     vllm: VLLMServerConfig = Field(default_factory=VLLMServerConfig, description="The vLLM server `reinforge vllm-serve` starts (Axolotl's `vllm:` keys).")
 
     # --- data ---
@@ -207,6 +209,8 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
         if self.precompute_ref_log_probs and self.rl not in ("dpo", "ipo"):
             raise ValueError(f"precompute_ref_log_probs is supported for rl: dpo and ipo (paired methods with a "
                              f"reference), not rl: {self.rl}")
+        if "ebft" in self.model_fields_set and spec.rewards != "feature_matching":
+            raise ValueError(f"the ebft: section is used only with rl: ebft, not rl: {self.rl}; remove it")
         if spec.online:
             self._check_online()
         else:
@@ -228,7 +232,10 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
                 and t.vllm_importance_sampling_mode.startswith("sequence"):
             raise ValueError("loss_type: vespo needs per-token sampler weights: set trl.vllm_importance_sampling_mode "
                              "to token_truncate or token_mask")
-        if not t.reward_funcs and not t.rollout_func:
+        spec = method(self.rl)
+        if spec.rewards == "feature_matching":
+            self._check_ebft()
+        elif not t.reward_funcs and not t.rollout_func:
             raise ValueError(f"rl: {self.rl} needs trl.reward_funcs (a list of `module.fn`)")
         n_funcs = len(t.reward_funcs or [])
         if t.reward_weights is not None and len(t.reward_weights) != n_funcs:
@@ -243,6 +250,18 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
         if t.vllm_lora_sync and not self.adapter:
             raise ValueError("trl.vllm_lora_sync syncs a LoRA adapter, but this config trains all weights (no adapter); "
                              "remove vllm_lora_sync (full weights are synced)")
+
+    def _check_ebft(self) -> None:
+        e, t = self.ebft, self.trl
+        if t.reward_funcs:
+            raise ValueError("rl: ebft rewards completions by feature matching against each row's ground_truth; "
+                             "remove trl.reward_funcs (or use rl: grpo)")
+        if e.mode == "strided":
+            raise ValueError("ebft.mode: strided (block-parallel generation on unstructured text) is not built yet; "
+                             "use ebft.mode: structured with prompt + ground_truth rows")
+        if e.ce_coef:
+            raise ValueError("ebft.ce_coef (cross-entropy on the ground truth) is not built for structured mode yet; "
+                             "remove it (the default is 0)")
 
     @property
     def lora_sync(self) -> bool:

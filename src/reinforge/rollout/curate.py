@@ -55,7 +55,10 @@ def zero_signal_groups(rewards: torch.Tensor, num_generations: int) -> list[int]
 
 
 def failed_groups(rewards: torch.Tensor, num_generations: int) -> list[int]:
-    """Indices of the prompt groups whose completions all scored 0 (or None) on every reward function."""
+    """Indices of the prompt groups whose completions all scored 0 (or None) on every reward function (none when
+    there are no reward columns)."""
+    if rewards.shape[-1] == 0:
+        return []
     r = torch.nan_to_num(rewards.float(), nan=0.0).view(-1, num_generations, rewards.shape[-1])
     return [i for i, z in enumerate((r == 0).flatten(1).all(1).tolist()) if z]
 

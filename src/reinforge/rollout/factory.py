@@ -118,18 +118,21 @@ def _temporary_sync_dir(out_dir: Path, resources: ExitStack) -> Path:
     return out_dir / "vllm_sync"
 
 
-def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool) -> RolloutProducer:
-    """The RolloutProducer of the config: backend (or the user's rollout_func), reward scoring."""
+def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool,
+                   max_new_tokens_fn: Callable | None = None) -> RolloutProducer:
+    """The RolloutProducer of the config: backend (or the user's rollout_func), reward scoring (none without reward
+    functions: EBFT scores on the main thread), the optional per-rollout completion-length cap."""
     from reinforge.rewards import score
     from reinforge.rollout.functions import load_rollout_function
 
     t = cfg.trl
     producer = RolloutProducer(
         tokenizer, backend, [f.name for f in funcs], sampling_params(cfg),
-        lambda p, c, ids, cols: score(funcs, p, c, cols, timeout=t.reward_timeout, completion_ids=ids, pool=pool),
+        (lambda p, c, ids, cols: score(funcs, p, c, cols, timeout=t.reward_timeout, completion_ids=ids, pool=pool))
+        if funcs else (lambda p, c, ids, cols: torch.zeros(len(c), 0)),
         chat_kwargs=t.chat_template_kwargs, max_prompt_length=t.max_prompt_length,
         rollout_fn=load_rollout_function(t.rollout_func), model=policy, eos_token_id=tokenizer.eos_token_id,
-        stream_groups=t.streaming_min_groups if t.streaming_partial_batch else None)
+        stream_groups=t.streaming_min_groups if t.streaming_partial_batch else None, max_new_tokens_fn=max_new_tokens_fn)
     if t.streaming_partial_batch and not producer.streams:
         log.warning("streaming_partial_batch has no effect here: the %s %s finishes all groups of a rollout together "
                     "(groups stream from a vLLM server)", backend.name,

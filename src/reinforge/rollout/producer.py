@@ -9,6 +9,7 @@ or no rollout function it can run in a background thread unchanged (`thread_safe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -35,14 +36,16 @@ class RolloutProducer:
             `streaming_min_groups`), when the backend yields groups (`generate_groups`: the vLLM server); None:
             score the whole rollout at once. Rewards of per-completion reward functions do not change; a reward
             function that looks at the whole batch sees a chunk of it.
+        max_new_tokens_fn: rows → the completion-length cap of their rollout (EBFT's adaptive_max_tokens); None:
+            `params.max_new_tokens`.
     """
 
     def __init__(self, tokenizer, backend, reward_names: list[str], params: SamplingParams, score_fn: Callable, *,
                  chat_kwargs: dict[str, Any] | None = None, max_prompt_length: int | None = None,
                  rollout_fn: RolloutFunction | None = None, model: Any = None, eos_token_id: int | None = None,
-                 stream_groups: int | None = None):
+                 stream_groups: int | None = None, max_new_tokens_fn: Callable[[list[dict[str, Any]]], int] | None = None):
         self.tokenizer, self.backend, self.params = tokenizer, backend, params
-        self.stream_groups = stream_groups
+        self.stream_groups, self.max_new_tokens_fn = stream_groups, max_new_tokens_fn
         self.reward_names, self.score_fn = reward_names, score_fn
         self.chat_kwargs, self.max_prompt_length = chat_kwargs or {}, max_prompt_length
         self.rollout_fn, self.model = rollout_fn, model
@@ -79,29 +82,31 @@ class RolloutProducer:
         """
         G = self.params.n
         prompt_ids = [self.prompt_ids(r["prompt"]) for r in rows]
+        params = self.params if self.max_new_tokens_fn is None else \
+            dataclasses.replace(self.params, max_new_tokens=self.max_new_tokens_fn(rows))
         if self.streams:
-            return self._produce_streaming(rows, prompt_ids, seed, version)
+            return self._produce_streaming(rows, prompt_ids, params, seed, version)
         t0 = time.perf_counter()
         if self.rollout_fn is None:
-            out = self.backend.generate(prompt_ids, self.params, seed).check(len(rows) * G, f"{self.backend.name} backend")
+            out = self.backend.generate(prompt_ids, params, seed).check(len(rows) * G, f"{self.backend.name} backend")
         else:
-            out = self.rollout_fn(rows, prompt_ids, backend=self.backend, tokenizer=self.tokenizer, params=self.params,
+            out = self.rollout_fn(rows, prompt_ids, backend=self.backend, tokenizer=self.tokenizer, params=params,
                                   model=self.model, eos_token_id=self.eos_token_id, seed=seed)
         t_gen = time.perf_counter() - t0
         texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
         t0 = time.perf_counter()
-        rewards = self._score(rows, out, texts)
+        rewards = self._score(rows, out, texts, params)
         return self._rollout(rows, prompt_ids, out, texts, rewards, version,
                              {"generation": t_gen, "scoring": time.perf_counter() - t0})
 
-    def _score(self, rows: list[dict[str, Any]], out: Completions, texts: list[str]):
-        """[len(rows) × G, K] rewards of the completions `out` of `rows`."""
+    def _score(self, rows: list[dict[str, Any]], out: Completions, texts: list[str], params: SamplingParams):
+        """[len(rows) × G, K] rewards of the completions `out` of `rows` (sampled with `params`)."""
         G = self.params.n
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
         columns.update(out.extra)
         columns["completion_truncated"] = list(out.truncated)
-        columns["max_completion_length"] = [self.params.max_new_tokens] * len(texts)
+        columns["max_completion_length"] = [params.max_new_tokens] * len(texts)
         return self.score_fn(prompts, format_completions(prompts, texts), out.completion_ids, columns)
 
     def _rollout(self, rows, prompt_ids, out: Completions, texts, rewards, version: int, timings) -> Rollout:
@@ -112,7 +117,7 @@ class RolloutProducer:
                        reward_names=list(self.reward_names), policy_version=version, num_generations=self.params.n,
                        timings=timings)
 
-    def _produce_streaming(self, rows, prompt_ids, seed: int | None, version: int) -> Rollout:
+    def _produce_streaming(self, rows, prompt_ids, params: SamplingParams, seed: int | None, version: int) -> Rollout:
         """`produce` with groups scored `stream_groups` at a time as they finish (see the class docstring).
         Timings: "generation" until the last group arrived, "scoring" the scoring time (mostly overlapped)."""
         G = self.params.n
@@ -125,12 +130,12 @@ class RolloutProducer:
             part = [groups[g] for g in waiting]
             out = Completions(completion_ids=[c for o, _ in part for c in o.completion_ids],
                               truncated=[x for o, _ in part for x in o.truncated])
-            r = self._score([rows[g] for g in waiting], out, [x for _, texts in part for x in texts])
+            r = self._score([rows[g] for g in waiting], out, [x for _, texts in part for x in texts], params)
             for j, g in enumerate(waiting):
                 rewards[g] = r[j * G:(j + 1) * G]
             waiting.clear()
 
-        for g, out in self.backend.generate_groups(prompt_ids, self.params, seed):
+        for g, out in self.backend.generate_groups(prompt_ids, params, seed):
             groups[g] = (out.check(G, f"{self.backend.name} backend"),
                          self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True))
             waiting.append(g)

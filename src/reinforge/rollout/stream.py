@@ -80,6 +80,8 @@ class RolloutStream:
         max_staleness: drop prefetched rollouts more versions behind than this (None: keep all).
         replay: a ReplayBuffer or None; reroll: a RerollBuffer or None, given to the processes that choose prompts
             (every process when synchronous, the main one when asynchronous).
+        main_scorer: scores each process's part of a rollout on the main thread before it is prepared (EBFT's
+            feature matching, which runs the training module); returns metrics. None: the producer's rewards.
         position, state: from a checkpoint, to continue exactly.
     Raises:
         ValueError: async with a producer that is not thread-safe, or a partly consumed rollout without state.
@@ -91,14 +93,15 @@ class RolloutStream:
                  old_always: bool, before_produce: Callable[[Callable[[], None]], int] = lambda drain: 0,
                  current_version: Callable[[], int] = lambda: 0, prefetch_depth: int = 0,
                  max_staleness: int | None = None, replay: ReplayBuffer | None = None,
-                 reroll: RerollBuffer | None = None, position: dict[str, int] | None = None,
+                 reroll: RerollBuffer | None = None, main_scorer: Callable[[Rollout], dict[str, float]] | None = None,
+                 position: dict[str, int] | None = None,
                  state: dict[str, Any] | RolloutBatch | None = None):
         self.plan, self.prompts, self.producer, self.preparer, self.seed = plan, prompts, producer, preparer, seed
         self.micro_batch_size, self.num_iterations = micro_batch_size, num_iterations
         self.policy_fn, self.ref_fn, self.on_rollout = policy_fn, ref_fn, on_rollout
         self.old_always, self.before_produce, self.current_version = old_always, before_produce, current_version
         self.depth, self.max_staleness = prefetch_depth, max_staleness
-        self.replay, self.reroll = replay, reroll
+        self.replay, self.reroll, self.main_scorer = replay, reroll, main_scorer
         self.per_rollout = plan.per_process * producer.params.n // micro_batch_size
         self.rollouts = (position or {}).get("rollouts", 0)
         self.offset = (position or {}).get("offset", 0)
@@ -241,11 +244,13 @@ class RolloutStream:
         for j in range(index + 1, index + 1 + self.depth):
             if j not in self.prefetcher:
                 self.prefetcher.submit(j, self._job(j))
-        return parts, {"time/rollout_wait": waited, "sample/dropped_stale": float(dropped)}
+        return parts, {"time/rollout_wait": waited, "sample/dropped_stale_total": float(dropped)}
 
     def _next_rollout(self) -> RolloutBatch:
         index = self.rollouts
         rollout, metrics = self._take(index)
+        if self.main_scorer is not None:
+            metrics.update(self.main_scorer(rollout))
         fresh = [True] * len(rollout.rows)
         if self.replay is not None:
             fresh = self.replay.replace_zero_signal(rollout, _generator(self.seed, index, self.plan.rank, "replay"))

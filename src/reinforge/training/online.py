@@ -22,13 +22,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from reinforge.algorithms.registry import method
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.data.packing import batch_layout
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_reference
 from reinforge.rewards import RewardPool, load_reward_funcs
 from reinforge.rollout.curate import ReplayBuffer, RerollBuffer
-from reinforge.rollout.factory import build_backend, build_preparer, build_producer
+from reinforge.rollout.factory import build_backend, build_preparer, build_producer, eos_token_ids
+from reinforge.rollout.feature_rewards import FeatureMatchingScorer, adaptive_max_tokens
 from reinforge.rollout.prepare import RolloutBatch
 from reinforge.rollout.stream import RolloutStream
 from reinforge.rollout.vllm import VLLMError
@@ -61,22 +63,24 @@ def _prompts_per_process(cfg: ReinforgeConfig, world_size: int) -> int:
 
 
 def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
-    """Train an online method (GRPO/GDPO) end to end; returns the run summary."""
+    """Train an online method (GRPO/GDPO, structured EBFT) end to end; returns the run summary."""
     t = cfg.trl
     resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
     beta = t.beta or 0.0
-    reference = load_reference(cfg, policy) if beta > 0 else None
+    feature_matching = method(cfg.rl).rewards == "feature_matching"  # EBFT: the reference is the feature network
+    reference = load_reference(cfg, policy) if beta > 0 or feature_matching else None
     module = LogpsModel(policy, chunked=cfg.chunked_logprobs)
     layout = batch_layout(cfg, tokenizer.pad_token_id)  # the completions of a prompt share it (prefix_sharing)
     objective = build_online_objective(cfg)
-    funcs = load_reward_funcs(t.reward_funcs or [])
+    funcs = [] if feature_matching else load_reward_funcs(t.reward_funcs or [])
     pool = RewardPool(funcs, t.reward_num_workers) if t.reward_num_workers > 1 or t.reward_timeout else None
     try:
         backend, weight_sync, backend_resources = build_backend(cfg, policy, tokenizer, out_dir, accelerator.is_main_process)
     except VLLMError as exc:
         raise RunError(str(exc)) from None
     try:
-        producer = build_producer(cfg, policy, tokenizer, backend, funcs, pool)
+        producer = build_producer(cfg, policy, tokenizer, backend, funcs, pool,
+                                  max_new_tokens_fn=_adaptive_max_tokens(cfg, tokenizer) if feature_matching else None)
     except (ImportError, TypeError) as exc:  # trl.rollout_func cannot be imported or has no accepted form
         raise RunError(str(exc)) from None
     try:
@@ -88,7 +92,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     # each rollout trained once, inside one optimiser step, by the weights that prepare it: π_old is the training
     # forward's own log-probs, and no old-policy forward is needed (the sampler correction is computed in the loss)
     on_policy = t.num_iterations == 1 and cfg.gradient_accumulation_steps % micro_per_rollout == 0
-    preparer = build_preparer(cfg, tokenizer, len(funcs), old_from_training=on_policy)
+    preparer = build_preparer(cfg, tokenizer, 1 if feature_matching else len(funcs), old_from_training=on_policy)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * plan.per_epoch * t.num_iterations * micro_per_rollout
                                                     / cfg.gradient_accumulation_steps))
     optimizer = build_optimizer(cfg, module.parameters())
@@ -146,12 +150,20 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         if t.use_data_producer and t.replay_buffer_size else None
     reroll = RerollBuffer(math.ceil(t.reroll_start_fraction * total_steps), t.reroll_max_groups) \
         if t.reroll_enabled and (not depth or accelerator.is_main_process) else None
+    scorer = None
+    if feature_matching:
+        e = cfg.ebft
+        scorer = FeatureMatchingScorer(lambda: reference.active(unwrapped), tokenizer,
+                                       num_hidden_layers=_num_hidden_layers(unwrapped), feature_layers=e.feature_layers,
+                                       embed_method=e.embed_method, alignment_coef=e.alignment_coef,
+                                       diversity_coef=e.diversity_coef, whiten=e.use_whitening,
+                                       eos_token_ids=eos_token_ids(policy, tokenizer))
     try:
         stream = RolloutStream(plan, data.train, producer, preparer, cfg.micro_batch_size, t.num_iterations, cfg.seed,
                                policy_fn, ref_fn if beta > 0 else None, on_rollout,
                                old_always=not on_policy or (replay is not None and replay.keep_old_logps),
                                before_produce=before_produce, current_version=lambda: run.step, prefetch_depth=depth,
-                               max_staleness=t.max_staleness, replay=replay, reroll=reroll,
+                               max_staleness=t.max_staleness, replay=replay, reroll=reroll, main_scorer=scorer,
                                position=saved.get("position"), state=saved.get("rollout"))
     except ValueError as exc:  # async with a producer that cannot run in a background thread
         raise RunError(str(exc)) from None
@@ -164,7 +176,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                disable=not accelerator.is_main_process)
     acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
     # workers, connections, sync files and the background producer end however the loop ends
-    with run.stop, pool or nullcontext(), backend_resources, closing(stream):
+    with run, pool or nullcontext(), backend_resources, closing(stream):
         for step in bar:
             step_acc, losses, consumed, micros = MetricsAccumulator(), [], stream.consumed, []
             for micro in range(cfg.gradient_accumulation_steps):
@@ -204,6 +216,24 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     run.save_final()
     accelerator.end_training()
     return run.summary(writer.history, data.stats)
+
+
+def _adaptive_max_tokens(cfg: ReinforgeConfig, tokenizer):
+    """EBFT's adaptive_max_tokens: rows → the completion-length cap of their rollout (None when off)."""
+    e = cfg.ebft
+    if not e.adaptive_max_tokens:
+        return None
+
+    def cap(rows) -> int:
+        lengths = [len(tokenizer(str(r.get("ground_truth", "")), add_special_tokens=False)["input_ids"]) for r in rows]
+        return adaptive_max_tokens(lengths, e.gt_length_multiplier, cfg.trl.max_completion_length)
+
+    return cap
+
+
+def _num_hidden_layers(module) -> int:
+    config = getattr(module, "model", module).config
+    return getattr(getattr(config, "text_config", config), "num_hidden_layers")
 
 
 def _loop_state(acc: MetricsAccumulator, stream: RolloutStream, rollout_metrics: MetricsAccumulator) -> dict[str, Any]:

@@ -4,8 +4,9 @@
 `transform_fn(example, tokenizer=None)` returns a dict that updates the row (as `datasets.map`
 does): the columns named in `map_kwargs["remove_columns"]` or the dataset's `remove_columns`
 (`"__all__"`: every original column) are removed first. Supported map kwargs: `remove_columns`,
-`fn_kwargs`; `desc`, `num_proc`, `load_from_cache_file`, `keep_in_memory` change nothing here and are
-ignored; any other key is an error.
+`fn_kwargs`, `batched` (the function gets a batch of one row, columns as lists, and may return several rows);
+`desc`, `num_proc`, `load_from_cache_file`, `keep_in_memory` change nothing here and are ignored; any other key is
+an error.
 
 The module is looked up, in order: a file in the working directory (`module.py`, `pkg/module.py`
 for `pkg.module.fn`, or a package directory), reinforge's own strategies
@@ -102,10 +103,11 @@ def load_transform_format(type_name: str, kind: Kind, cfg: Any, dataset_idx: int
     if not callable(result):
         raise ValueError(f"dataset type `{type_name}`: `{fn_name}(cfg)` must return transform_fn or "
                          f"(transform_fn, map_kwargs), got {type(result).__name__}")
-    unknown = set(map_kwargs) - {"remove_columns", "fn_kwargs"} - _IGNORED_MAP_KWARGS
+    unknown = set(map_kwargs) - {"remove_columns", "fn_kwargs", "batched"} - _IGNORED_MAP_KWARGS
     if unknown:
         raise ValueError(f"dataset type `{type_name}`: map kwargs {sorted(unknown)} are not supported "
-                         "(reinforge applies transforms row by row; supported: remove_columns, fn_kwargs)")
+                         "(supported: remove_columns, fn_kwargs, batched)")
+    batched = bool(map_kwargs.get("batched"))
     transform_fn = result
     extra = dict(map_kwargs.get("fn_kwargs") or {})
     for name in ("tokenizer", "processing_class"):
@@ -120,9 +122,9 @@ def load_transform_format(type_name: str, kind: Kind, cfg: Any, dataset_idx: int
     elif isinstance(ds_remove, list):
         remove.extend(ds_remove)
 
-    def fn(row: dict[str, Any], _ds: DatasetConfig) -> dict[str, Any]:
+    def fn(row: dict[str, Any], _ds: DatasetConfig) -> dict[str, Any] | list[dict[str, Any]]:
         try:
-            out = transform_fn(dict(row), **extra)
+            out = transform_fn({k: [v] for k, v in row.items()} if batched else dict(row), **extra)
         except KeyError as exc:
             raise RowError(str(exc.args[0]) if exc.args else "?", f"missing (KeyError in `{type_name}`)") from None
         except Exception as exc:  # the user's code: keep its message, add where it happened
@@ -130,8 +132,16 @@ def load_transform_format(type_name: str, kind: Kind, cfg: Any, dataset_idx: int
         if not isinstance(out, dict):
             raise RowError("transform", f"`{type_name}` must return a dict, got {type(out).__name__}")
         base = {} if drop_all else {k: v for k, v in row.items() if k not in remove}
-        base.update(out)
-        return base
+        if not batched:
+            return {**base, **out}
+        lengths = {len(v) for v in out.values()}  # a batch of one row may become several rows
+        if len(lengths) > 1 or not all(isinstance(v, list) for v in out.values()):
+            raise RowError("transform", f"`{type_name}` (batched) must return equal-length lists per column")
+        n = lengths.pop() if lengths else 0
+        if not drop_all and n != 1:
+            raise RowError("transform", f"`{type_name}` (batched) made {n} rows from one: it must drop the "
+                                        f"original columns (remove_columns: __all__)")
+        return [{**base, **{k: v[i] for k, v in out.items()}} for i in range(n)]
 
     example = getattr(module, "EXAMPLE", None)
     source = getattr(module, "__file__", None)
