@@ -11,7 +11,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from reinforge.config.ebft import EBFTConfig
 from reinforge.config.schema import DatasetConfig, ReinforgeConfig, TRLConfig
+from reinforge.config.vllm import VLLMServerConfig
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -47,6 +49,14 @@ def render() -> str:
         "## `trl:`",
         "",
         *table(TRLConfig, "trl."),
+        "",
+        "## `vllm:` (the server `reinforge vllm-serve` starts)",
+        "",
+        *table(VLLMServerConfig, "vllm."),
+        "",
+        "## `ebft:` (rl: ebft)",
+        "",
+        *table(EBFTConfig, "ebft."),
         "",
     ]
     return "\n".join(parts)

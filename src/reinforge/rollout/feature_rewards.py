@@ -10,6 +10,7 @@ hidden states of the decoder body at the chosen layers are concatenated and pool
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -19,6 +20,7 @@ from reinforge.data.collate import pad_sequences
 from reinforge.rollout.types import Rollout
 
 REWARD_NAME = "feature_matching"
+log = logging.getLogger(__name__)
 
 
 def decoder_body(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,6 +77,7 @@ class FeatureMatchingScorer:
         self.embed_method, self.whiten = embed_method, whiten
         self.alignment_coef, self.diversity_coef = alignment_coef, diversity_coef
         self.eos = set(eos_token_ids)
+        self._warned = False
 
     def ground_truth_ids(self, row: dict[str, Any]) -> list[int]:
         """The tokens of a row's `ground_truth`. Raises KeyError naming the column when it is missing."""
@@ -85,6 +88,10 @@ class FeatureMatchingScorer:
     def __call__(self, rollout: Rollout) -> dict[str, float]:
         """Set `rollout.rewards` ([N, 1]) and `reward_names`; returns the `ebft/*` metrics of the rollout."""
         G = rollout.num_generations
+        if not self._warned and any(row.get("remaining_turns") for row in rollout.rows):
+            log.warning("rows carry remaining_turns (ebft_chat_multiturn.transform): reinforge trains the first "
+                        "assistant turn against its ground truth; later turns are not rolled out")
+            self._warned = True
         gen, gen_start = [], []
         for p, c in zip(rollout.prompt_ids, rollout.completion_ids):
             while c and c[-1] in self.eos:
