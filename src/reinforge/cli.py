@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert-gguf", help="de-quantise a .gguf file into a Hugging Face model directory")
     c.add_argument("gguf")
     c.add_argument("out_dir")
+    r = sub.add_parser("report", help="(re)write OUTPUT_DIR/report: PNG plots of metrics.jsonl and an index.html")
+    r.add_argument("output_dir")
+    _add_merge_inference_parsers(sub)
     return p
 
 
@@ -59,6 +62,15 @@ def _main(argv: list[str] | None) -> int:
     from reinforge.config import ConfigError, load_config
     from reinforge.data.errors import DataError
 
+    if args.command == "report":
+        from reinforge.training.report import ReportError, write_report
+
+        try:
+            print(write_report(args.output_dir))
+        except (ReportError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        return EXIT_OK
     try:
         if args.command == "convert-gguf":
             from reinforge.models.loading import convert_gguf
@@ -69,6 +81,8 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "validate":
             print(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=False), sort_keys=False), end="")
             return 0
+        if args.command in ("merge-lora", "inference"):
+            return _merge_or_inference(args, cfg)
         if args.command == "vllm-serve":
             from reinforge.serving.vllm_serve import ServeError, serve
 
@@ -110,6 +124,72 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+
+
+def _overrides_anywhere(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Accept KEY=VALUE overrides after the flags too (`CONFIG --prompt hi trl.top_k=5`): argparse gives the
+    `overrides` positional only the words before the first flag."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse(args, namespace)
+        late = [a for a in extras if "=" in a and not a.startswith("-")]
+        ns.overrides = [*ns.overrides, *late]
+        return ns, [a for a in extras if a not in late]
+
+    parser.parse_known_args = parse_known_args
+    return parser
+
+
+def _add_merge_inference_parsers(sub) -> None:
+    """`merge-lora` and `inference` (Axolotl's commands after training)."""
+    lora_help = "the adapter directory (default: the config's output_dir, where `reinforge train` saves it)"
+    m = _overrides_anywhere(sub.add_parser("merge-lora", help="merge the trained LoRA adapter into the base model; "
+                                                            "save the full model in output_dir/merged"))
+    m.add_argument("config")
+    m.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. bf16=true")
+    m.add_argument("--lora-model-dir", "--lora_model_dir", dest="lora_model_dir", default=None, metavar="DIR",
+                   help=lora_help)
+    i = _overrides_anywhere(sub.add_parser("inference", help="chat with the trained model (streamed; --prompt answers "
+                                                           "once)"))
+    i.add_argument("config")
+    i.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. chat_template=chatml")
+    i.add_argument("--prompt", default=None, help="answer this message and exit (default: chat, reading stdin)")
+    i.add_argument("--lora-model-dir", "--lora_model_dir", dest="lora_model_dir", default=None, metavar="DIR",
+                   help=lora_help)
+    i.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="default: trl.max_completion_length")
+    i.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="default: trl.temperature; 0 decodes greedily")
+    i.add_argument("--top-p", type=float, default=None, metavar="P", help="default: trl.top_p")
+    i.add_argument("--top-k", type=int, default=None, metavar="K", help="default: trl.top_k (0: off)")
+
+
+def _merge_or_inference(args: argparse.Namespace, cfg) -> int:
+    """Run `merge-lora` or `inference`; ConfigError propagates (exit 2), a missing adapter is exit 1."""
+    from reinforge.config import ConfigError
+    from reinforge.models.merge import ArtifactError
+
+    try:
+        if args.command == "merge-lora":
+            from reinforge.models.merge import merge_lora
+
+            print(merge_lora(cfg, args.lora_model_dir, config_path=args.config))
+            return EXIT_OK
+        from reinforge.models.inference import generation_settings, run_inference
+
+        try:
+            settings = generation_settings(cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           top_p=args.top_p, top_k=args.top_k)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        return run_inference(cfg, prompt=args.prompt, lora_model_dir=args.lora_model_dir, settings=settings,
+                             config_path=args.config)
+    except ConfigError:
+        raise
+    except (ArtifactError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUN_ERROR
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
     bar = tqdm(range(run.step + 1, total_steps + 1), desc=f"{cfg.rl}", initial=run.step, total=total_steps,
                disable=not accelerator.is_main_process)
     acc, tokens, t0 = MetricsAccumulator.from_state(saved.get("metrics")), 0, time.perf_counter()
-    with run.stop:
+    with run:
         for step in bar:
             step_acc, losses, rows, start = MetricsAccumulator(), [], [], batches.position
             for micro in range(cfg.gradient_accumulation_steps):

@@ -6,6 +6,10 @@ the gradients are finite (else the step is skipped and counted, and after `max_c
 in a row the run stops naming the step and its rows); `end_step()` writes the scheduled checkpoint
 (`save_strategy`, `save_steps`, `save_total_limit`) and, after SIGINT/SIGTERM, a checkpoint followed by
 `TrainingInterrupted`. At the end `save_final()` writes the model into output_dir.
+
+The main process writes the run's report (`training/report.py`, into output_dir/report) at the end of the run
+(`summary()`, which names it), after SIGINT/SIGTERM with the checkpoint (the message names it), and when an error
+stops the loop after some logged steps (the loops run inside `with run:`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from reinforge.training.checkpoint import (find_latest_checkpoint, load_checkpoi
                                           write_config)
 from reinforge.training.distributed import any_across, is_sharded
 from reinforge.training.metrics import flat_config, versions, write_run_info
+from reinforge.training.report import try_write_report
 from reinforge.training.setup import RunError
 from reinforge.training.signals import StopSignal, TrainingInterrupted
 from reinforge.training.summary import print_summary
@@ -222,8 +227,31 @@ class RunControl:
             path = self.save(step, position, rank_state() if callable(rank_state) else rank_state)
         if stop:
             signum = self.stop.signum or 15  # another process got the signal: this one stops with it
+            report = self.write_report(f"interrupted after step {step}; checkpoint {path}")
             raise TrainingInterrupted(f"interrupted after step {step}; checkpoint written to {path}\n"
-                                      f"resume with: {resume_command(self.accelerator.num_processes)}", signum)
+                                      + (f"report: {report}\n" if report else "")
+                                      + f"resume with: {resume_command(self.accelerator.num_processes)}", signum)
+
+    def write_report(self, status: str) -> Path | None:
+        """Write output_dir/report from metrics.jsonl on the main process; returns its index.html, or None on the
+        other processes, when nothing was logged yet, and when writing fails (then one warning line says why)."""
+        metrics = self.out_dir / "metrics.jsonl"
+        if not self.accelerator.is_main_process or not metrics.is_file() or metrics.stat().st_size == 0:
+            return None
+        return try_write_report(self.out_dir, status)
+
+    def __enter__(self) -> "RunControl":
+        """Around the training loop: the signal handlers (`self.stop`), and the report when the loop stops on an
+        error after some logged steps."""
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop.__exit__(exc_type, exc, tb)
+        if isinstance(exc, Exception) and not isinstance(exc, TrainingInterrupted):  # not a second Ctrl-C either
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if report := self.write_report(f"stopped by an error after step {self.step}: {first}"):
+                print(f"reinforge: report of the run so far: {report}", file=sys.stderr, flush=True)
 
     def save(self, step: int, position: Any, rank_state: dict[str, Any]) -> Path:
         """Write checkpoint-<step> (all processes call this)."""
@@ -236,10 +264,11 @@ class RunControl:
         return path
 
     def summary(self, history: list[dict[str, Any]], stats) -> dict[str, Any]:
-        """The run summary (`print_summary`), printed by the main process only."""
+        """Write the report, then the run summary (`print_summary`, naming the report), on the main process only."""
+        report = self.write_report("finished")
         quiet = contextlib.redirect_stdout(io.StringIO()) if not self.accelerator.is_main_process else contextlib.nullcontext()
         with quiet:
-            return print_summary(self.cfg, history, stats, self.out_dir)
+            return print_summary(self.cfg, history, stats, self.out_dir, report=report)
 
     def save_final(self) -> None:
         """The trained model (adapter or full), tokenizer and config into output_dir (all processes call this)."""

@@ -11,8 +11,10 @@ from reinforge.data.tokenize import TokenizeStats
 KEYS = ("loss", "rewards/accuracies", "rewards/margins", "reward")
 
 
-def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: TokenizeStats, out_dir: Path) -> dict[str, Any]:
-    """Print first/last train metrics, eval before/after, data counts and the output path; return them."""
+def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: TokenizeStats, out_dir: Path,
+                  report: Path | None = None) -> dict[str, Any]:
+    """Print first/last train metrics, eval before/after, data counts, the output path and the report's
+    index.html (`report`, when written); return them."""
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if any(k.startswith("eval_") for k in h)]
     summary: dict[str, Any] = {"steps": train[-1]["step"] if train else 0, "output_dir": str(out_dir)}
@@ -28,5 +30,8 @@ def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: To
             lines.append(f"  eval  {key:<20} before {evals[0][ek]:.4f}  after {evals[-1][ek]:.4f}")
     lines.append(f"  data: {stats.rows_in} rows in, {stats.rows_out} used, {stats.truncated} truncated, "
                  f"{stats.dropped_too_long + stats.dropped_no_completion} dropped")
+    if report is not None:
+        summary["report"] = str(report)
+        lines.append(f"  report: {report}")
     print("\n".join(lines), flush=True)
     return summary
