@@ -58,3 +58,44 @@ def test_ebft_config_errors(tmp_path, monkeypatch, tiny_model_dir, capsys):
     cfg = setup(tmp_path, monkeypatch, tiny_model_dir, rl="grpo", trl={"reward_funcs": ["accuracy"]})
     assert main(["validate", str(cfg)]) != 0
     assert "the ebft: section is used only with rl: ebft" in capsys.readouterr().err
+
+
+def strided_setup(tmp_path, monkeypatch, model_dir, rows, ds_type, **extra):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = {"base_model": str(model_dir), "rl": "ebft", "datasets": [{"path": "docs.jsonl", "type": ds_type}],
+           "ebft": {"mode": "strided", "stride": 4, "context_length": 4, "generate_max_len": 3,
+                    "n_samples_per_prompt": 2, "feature_layers": [0.5, 1.0], **extra.pop("ebft", {})},
+           "micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 3, "learning_rate": 1e-2,
+           "lr_scheduler": "constant", "output_dir": "out", "use_tensorboard": False, "seed": 3, "sequence_len": 40,
+           **extra}
+    (tmp_path / "ebft.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "ebft.yaml"
+
+
+TEXTS = [{"text": f"def f{i}(x):\n    return x * {i} + {i * i}  # a small function number {i}\n"} for i in range(6)]
+
+
+@pytest.mark.parametrize("adapter", ["lora", None])
+def test_strided_ebft_trains_on_plain_text(tmp_path, monkeypatch, tiny_model_dir, adapter):
+    extra = {"adapter": "lora", "lora_r": 4, "lora_target_linear": True} if adapter else {}
+    cfg = strided_setup(tmp_path, monkeypatch, tiny_model_dir, TEXTS, "ebft_pretrain.transform",
+                        ebft={"ce_coef": 0.03, "use_whitening": adapter is None}, **extra)
+    assert main(["train", str(cfg)]) == 0
+    m = metrics(tmp_path)
+    assert [x["step"] for x in m] == [1, 2, 3]
+    for x in m:
+        for key in ("ebft/alignment", "ebft/diversity", "ebft/cfm_loss", "ebft/reward", "ebft/rl_loss", "ebft/ce_loss",
+                    "ebft/num_blocks", "ebft/advantages_std", "ebft/mean_reward", "loss", "grad_norm"):
+            assert key in x and x[key] == x[key], key
+        assert x["ebft/num_blocks"] >= 2 and x["ebft/ce_loss"] > 0 and x["grad_norm"] > 0
+        assert x["loss"] == pytest.approx(x["ebft/rl_loss"] + 0.03 * x["ebft/ce_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_strided_ebft_prompt_completion_rows(tmp_path, monkeypatch, tiny_model_dir):
+    rows = [{"input": f"Square {i}:", "output": f"The square of {i} is {i * i}, computed as {i} times {i}."}
+            for i in range(4)]
+    cfg = strided_setup(tmp_path, monkeypatch, tiny_model_dir, rows, "ebft_strided_structured.transform",
+                        ebft={"advantage_estimator": "group_norm"})
+    assert main(["train", str(cfg)]) == 0
+    assert all(x["ebft/num_blocks"] >= 2 and x["ebft/ce_loss"] == 0.0 for x in metrics(tmp_path))

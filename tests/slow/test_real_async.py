@@ -5,6 +5,8 @@ run together."""
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,8 +15,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
 from conftest_vllm import Server  # noqa: E402
-
-from reinforge.cli import main  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
@@ -28,12 +28,16 @@ def test_async_example_real_model_short_run(tmp_path, real_model_dir, monkeypatc
     server = Server(tmp_path, cfg)
     try:
         out = tmp_path / "out"
-        rc = main(["train", str(ROOT / "examples" / "grpo-async-gsm8k.yaml"), f"base_model={real_model_dir}",
-                   f"output_dir={out}", "max_steps=2", "trl.max_completion_length=32", f"trl.vllm_server_port={server.port}",
-                   "use_tensorboard=false"])
+        # a process of its own, as a user runs it (the example trains in bf16: accelerate's state is per process)
+        proc = subprocess.run([str(Path(sys.executable).parent / "reinforge"), "train",
+                               str(ROOT / "examples" / "grpo-async-gsm8k.yaml"), f"base_model={real_model_dir}",
+                               f"output_dir={out}", "max_steps=2", "trl.max_completion_length=32",
+                               f"trl.vllm_server_port={server.port}", "use_tensorboard=false"],
+                              cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                              timeout=1200)
     finally:
         assert server.stop() == 0
-    assert rc == 0
+    assert proc.returncode == 0, proc.stderr[-4000:]
     m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in m] == [1, 2]
     assert [x["sample/staleness_mean"] for x in m] == [0.0, 1.0]  # step 2 trains the rollout prefetched during step 1

@@ -23,7 +23,8 @@ def test_gdpo_gsm8k_real_model_short_run(tmp_path, real_model_dir):
     for m in metrics:
         for fn in ("accuracy", "format_reward"):
             assert 0.0 <= m[f"rewards/{fn}/mean"] <= 1.0
-        assert 0.0 < m["entropy"] < math.log(49152)  # nats, vocabulary 49 152
+        if m["skipped_zero_adv_batches"] < 2:  # a step whose micro-batches all had zero advantages trains nothing
+            assert 0.0 < m["entropy"] < math.log(49152)  # nats, vocabulary 49 152
         assert m["completions/max_length"] <= 24 and m["time/generation"] > 0
         # reward = Σ weights × per-function means (accuracy 1.0, format 0.5; every completion is scorable)
         assert m["reward"] == pytest.approx(m["rewards/accuracy/mean"] + 0.5 * m["rewards/format_reward/mean"], abs=1e-6)

@@ -235,6 +235,8 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
         spec = method(self.rl)
         if spec.rewards == "feature_matching":
             self._check_ebft()
+            if self.ebft.mode == "strided":  # its own loop: documents per micro-batch, no generation batch
+                return
         elif not t.reward_funcs and not t.rollout_func:
             raise ValueError(f"rl: {self.rl} needs trl.reward_funcs (a list of `module.fn`)")
         n_funcs = len(t.reward_funcs or [])
@@ -257,8 +259,10 @@ class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
             raise ValueError("rl: ebft rewards completions by feature matching against each row's ground_truth; "
                              "remove trl.reward_funcs (or use rl: grpo)")
         if e.mode == "strided":
-            raise ValueError("ebft.mode: strided (block-parallel generation on unstructured text) is not built yet; "
-                             "use ebft.mode: structured with prompt + ground_truth rows")
+            if t.use_vllm or t.async_prefetch:
+                raise ValueError("ebft.mode: strided generates its blocks in-process (one sequence, a block "
+                                 "attention mask); remove trl.use_vllm / trl.async_prefetch")
+            return
         if e.ce_coef:
             raise ValueError("ebft.ce_coef (cross-entropy on the ground truth) is not built for structured mode yet; "
                              "remove it (the default is 0)")

@@ -1,4 +1,4 @@
-"""Choose the loop for a method from the method table (offline or online)."""
+"""Choose the loop for a method from the method table (offline, online, or EBFT's strided loop)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from reinforge.config.schema import ReinforgeConfig
 
 def train(cfg: ReinforgeConfig) -> dict[str, Any]:
     """Run training for `cfg`; returns the run summary."""
-    if method(cfg.rl).online:
+    spec = method(cfg.rl)
+    if spec.rewards == "feature_matching" and cfg.ebft.mode == "strided":
+        from reinforge.training.strided import train_strided
+
+        return train_strided(cfg)
+    if spec.online:
         from reinforge.training.online import train_online
 
         return train_online(cfg)

@@ -1,0 +1,193 @@
+"""EBFT's strided mode (`rl: ebft`, `ebft.mode: strided`): feature matching on unstructured text, one screen.
+
+Each document (a row's prompt + ground truth; a plain text row has an empty prompt) gets anchors every
+`ebft.stride` tokens from its first anchor on (`context_length` for plain text, the end of the prompt +
+`min_completion_prefix` for prompt/completion rows). Per micro-batch of documents, for each document:
+
+1. sample `n_samples_per_prompt` blocks of `generate_max_len` tokens at every anchor, all in one sequence with the
+   block attention mask (`reinforge.algorithms.ebft_strided`), from the policy without gradient, with a private
+   `torch.Generator` seeded per document and step (a resumed run samples the same blocks);
+2. one forward of the feature network (adapter-disabled policy or frozen copy) over the same layout gives the
+   features of every generated block and of every anchor's ground-truth block; rewards per anchor group
+   (`feature_matching_rewards`), advantages by `advantage_estimator`;
+3. one forward of the policy with gradient over the layout: REINFORCE on the blocks' log-probs
+   (`strided_policy_loss`, each block's advantage on its own tokens) × rl_coef, plus ce_coef × the cross-entropy
+   of the document's (completion) tokens from the same forward.
+
+Checkpoints, resume, signals and non-finite steps: `RunControl`, as the other loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from reinforge.algorithms.ebft import feature_layer_indices, feature_matching_rewards, group_advantages, pool_features
+from reinforge.algorithms.ebft_strided import (block_layout, document_ce, layout_ids, strided_anchors,
+                                               strided_policy_loss, token_logps)
+from reinforge.config.schema import ReinforgeConfig
+from reinforge.models.loading import load_reference
+from reinforge.rollout.feature_rewards import decoder_body
+from reinforge.rollout.stream import rollout_seed
+from reinforge.training.distributed import BatchPlan, BatchStream, loss_for_backward, prepare_frozen_model
+from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
+from reinforge.training.optim import build_optimizer, build_scheduler
+from reinforge.training.resume import RunControl, describe_rows
+from reinforge.training.setup import RunError, start_run
+
+log = logging.getLogger(__name__)
+
+
+def document(row: dict[str, Any], tokenizer, cfg: ReinforgeConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(token ids [L], CE mask [L], first anchor) of a row: its rendered prompt (`prompt_ids`) then its
+    `ground_truth` (no special tokens), cut to `sequence_len`. Raises KeyError without `ground_truth`."""
+    e = cfg.ebft
+    prompt = list(row.get("prompt_ids") or [])
+    ids = (prompt + tokenizer(str(row["ground_truth"]), add_special_tokens=False)["input_ids"])[: cfg.sequence_len]
+    mask = torch.zeros(len(ids), dtype=torch.long)
+    mask[len(prompt):] = 1
+    first = len(prompt) + e.min_completion_prefix if row.get("prompt") else e.context_length  # plain text: no prompt
+    return torch.tensor(ids, dtype=torch.long), mask, first
+
+
+def _lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body, LM head) of a causal LM, possibly peft-wrapped."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return decoder_body(model), inner.get_output_embeddings()
+
+
+def _layout_forward(body, ids: torch.Tensor, layout, **kwargs):
+    return body(input_ids=ids.unsqueeze(0), attention_mask=layout.allowed.unsqueeze(0).unsqueeze(0),
+                position_ids=layout.positions.unsqueeze(0), **kwargs)
+
+
+@torch.no_grad()
+def sample_blocks(model, doc: torch.Tensor, layout, temperature: float, top_p: float,
+                  generator: torch.Generator, pad_token_id: int) -> torch.Tensor:
+    """Sample every block of `layout` in parallel, one token of all blocks per forward. Returns [B, g] ids."""
+    from transformers import TopPLogitsWarper
+
+    body, head = _lm_parts(model)
+    device = next(body.parameters()).device
+    blocks = torch.full((layout.num_blocks, layout.block), pad_token_id, dtype=torch.long)
+    top = TopPLogitsWarper(top_p=top_p) if top_p < 1.0 else None
+    for i in range(layout.block):
+        hidden = _layout_forward(body, layout_ids(doc, blocks).to(device), layout).last_hidden_state[0]
+        scores = head(hidden[layout.pred_index[:, i].to(device)]).float() / temperature
+        if top is not None:
+            scores = top(None, scores)
+        blocks[:, i] = torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=generator).squeeze(1)
+    return blocks
+
+
+def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
+    """Train EBFT in strided mode end to end; returns the run summary."""
+    e = cfg.ebft
+    resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
+    reference = load_reference(cfg, policy)  # the feature network
+    layers = feature_layer_indices(e.feature_layers, policy.config.num_hidden_layers)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    plan = BatchPlan(len(data.train), cfg.micro_batch_size, accelerator.process_index, accelerator.num_processes,
+                     cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * plan.per_epoch / cfg.gradient_accumulation_steps))
+    module = policy
+    optimizer = build_optimizer(cfg, module.parameters())
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if reference.model is not None:
+        reference.model = prepare_frozen_model(accelerator, reference.model)
+    run = RunControl(cfg, accelerator, out_dir, module=module, tokenizer=tokenizer, optimizer=optimizer,
+                     scheduler=scheduler, data_layout=plan.layout(), describe=lambda rows: describe_rows(data, rows))
+    saved = run.start(resume)
+    writer = MetricsWriter(out_dir, accelerator, resume_step=run.step if resume else None)
+    unwrapped = accelerator.unwrap_model(module)
+    batches = BatchStream(plan, data.train, lambda rows: rows, start=saved.get("position", 0))
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def document_loss(row: dict[str, Any], seed: int, scale: float) -> dict[str, float] | None:
+        """Sample, score and backpropagate one document (loss × scale); its metrics, None without an anchor."""
+        doc, ce_mask, first = document(row, tokenizer, cfg)
+        anchors = strided_anchors(len(doc), first, e.stride, e.generate_max_len)
+        if not anchors:
+            return None
+        layout = block_layout(len(doc), anchors, e.n_samples_per_prompt, e.generate_max_len)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        blocks = sample_blocks(unwrapped, doc, layout, e.temperature, e.top_p, torch.Generator().manual_seed(seed), pad)
+        ids = layout_ids(doc, blocks)
+        with reference.active(unwrapped) as network:
+            hs = _layout_forward(decoder_body(network), ids.to(accelerator.device), layout,
+                                 output_hidden_states=True).hidden_states
+            h = torch.cat([hs[i][0] for i in layers], dim=-1).float().cpu()
+        unwrapped.train(was_training)
+        ones = torch.ones(layout.block_index.shape, dtype=torch.long)
+        gen = pool_features(h[layout.block_index], ones, e.embed_method, torch.zeros(layout.num_blocks, dtype=torch.long))
+        gt = pool_features(h[layout.gt_index], ones[: len(anchors)], e.embed_method,
+                           torch.zeros(len(anchors), dtype=torch.long))
+        rw = feature_matching_rewards(gen, gt, e.n_samples_per_prompt, alignment_coef=e.alignment_coef,
+                                      diversity_coef=e.diversity_coef, whiten=e.use_whitening)
+        adv = group_advantages(rw.rewards, e.n_samples_per_prompt, e.advantage_estimator).to(accelerator.device)
+        body, head = _lm_parts(unwrapped)
+        with accelerator.autocast():
+            hidden = _layout_forward(body, ids.to(accelerator.device), layout).last_hidden_state[0]
+            # the LM head only on the rows that predict block tokens (and the document's, for the cross-entropy)
+            logps = token_logps(head(hidden[layout.pred_index.flatten().to(hidden.device)]), blocks, e.temperature)
+            rl = strided_policy_loss(logps, adv)
+            ce = document_ce(head(hidden[: len(doc)]), doc.to(hidden.device), ce_mask.to(hidden.device)) \
+                if e.ce_coef else rl.new_zeros(())
+            loss = e.rl_coef * rl + e.ce_coef * ce
+        accelerator.backward(loss_for_backward(loss * scale, accelerator, cfg.gradient_accumulation_steps))
+        return {"loss": loss.detach(), "ebft/rl_loss": rl.detach(), "ebft/ce_loss": ce.detach(),
+                "ebft/alignment": rw.alignment.mean(), "ebft/diversity": rw.diversity.mean(),
+                "ebft/cfm_loss": rw.cfm_loss.mean(), "ebft/reward": rw.rewards.mean(),
+                "ebft/mean_reward": rw.rewards.mean(), "ebft/advantages_std": adv.float().std(),
+                "ebft/num_blocks": float(layout.num_blocks)}
+
+    bar = tqdm(range(run.step + 1, total_steps + 1), desc="ebft strided", initial=run.step, total=total_steps,
+               disable=not accelerator.is_main_process)
+    acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
+    log.info("ebft strided: %d documents, %d steps of %d×%d documents; stride %d, %d blocks of %d per anchor; "
+             "feature network: %s", len(data.train), total_steps, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+             e.stride, e.n_samples_per_prompt, e.generate_max_len, reference.kind)
+    with run:
+        for step in bar:
+            step_acc, losses, rows, start = MetricsAccumulator(), [], [], batches.position
+            for micro in range(cfg.gradient_accumulation_steps):
+                k = batches.position
+                _, batch_rows, docs = next(batches)
+                sync = micro == cfg.gradient_accumulation_steps - 1
+                with accelerator.no_sync(module) if not sync else nullcontext():
+                    for j, row in enumerate(docs):
+                        m = document_loss(row, rollout_seed(cfg.seed, k, accelerator.process_index * 1000 + j),
+                                          1.0 / len(docs))
+                        if m is None:
+                            step_acc.add({"ebft/documents_without_anchor": 1.0})
+                            continue
+                        step_acc.add(m)
+                        losses.append(m["loss"])
+                rows += batch_rows
+            if not losses:
+                raise RunError(f"no document of step {step} is long enough for one anchor (first anchor + "
+                               f"generate_max_len {e.generate_max_len} tokens); lower ebft.context_length")
+            if (grad_norm := run.optimizer_step(step, losses, params, rows)) is not None:
+                step_acc.add({"grad_norm": grad_norm})
+                acc.merge(step_acc)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                metrics = acc.means(accelerator)
+                metrics.update(learning_rate=scheduler.get_last_lr()[0],
+                               step_time=(time.perf_counter() - t0) / cfg.logging_steps,
+                               skipped_nonfinite_steps=run.skipped_nonfinite_steps)
+                writer.log(metrics, step)
+                bar.set_postfix(cfm=f"{metrics.get('ebft/cfm_loss', float('nan')):.3f}")
+                acc, t0 = MetricsAccumulator(), time.perf_counter()
+            run.end_step(step, batches.position, plan.epoch_of(batches.position) > plan.epoch_of(start),
+                         {"metrics": acc.state_dict()})
+    run.save_final()
+    accelerator.end_training()
+    return run.summary(writer.history, data.stats)
