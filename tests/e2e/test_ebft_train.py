@@ -90,6 +90,8 @@ def test_strided_ebft_trains_on_plain_text(tmp_path, monkeypatch, tiny_model_dir
             assert key in x and x[key] == x[key], key
         assert x["ebft/num_blocks"] >= 2 and x["ebft/ce_loss"] > 0 and x["grad_norm"] > 0
         assert x["loss"] == pytest.approx(x["ebft/rl_loss"] + 0.03 * x["ebft/ce_loss"], rel=1e-4, abs=1e-6)
+    saved = "adapter_config.json" if adapter else "model.safetensors"  # the adapter only, or the full model
+    assert (tmp_path / "out" / saved).exists() and not (adapter and (tmp_path / "out" / "model.safetensors").exists())
 
 
 def test_strided_ebft_prompt_completion_rows(tmp_path, monkeypatch, tiny_model_dir):

@@ -32,6 +32,7 @@ from reinforge.algorithms.ebft import feature_layer_indices, feature_matching_re
 from reinforge.algorithms.ebft_strided import (block_layout, document_ce, layout_ids, strided_anchors,
                                                strided_policy_loss, token_logps)
 from reinforge.config.schema import ReinforgeConfig
+from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_reference
 from reinforge.rollout.feature_rewards import decoder_body
 from reinforge.rollout.stream import rollout_seed
@@ -96,7 +97,7 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
     plan = BatchPlan(len(data.train), cfg.micro_batch_size, accelerator.process_index, accelerator.num_processes,
                      cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * plan.per_epoch / cfg.gradient_accumulation_steps))
-    module = policy
+    module = LogpsModel(policy, chunked=False, segment_attention=False)  # holds the policy (`.model`) for RunControl
     optimizer = build_optimizer(cfg, module.parameters())
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -107,6 +108,7 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
     saved = run.start(resume)
     writer = MetricsWriter(out_dir, accelerator, resume_step=run.step if resume else None)
     unwrapped = accelerator.unwrap_model(module)
+    lm = unwrapped.model  # the causal LM (plain or peft)
     batches = BatchStream(plan, data.train, lambda rows: rows, start=saved.get("position", 0))
     params = [p for p in module.parameters() if p.requires_grad]
 
@@ -119,7 +121,7 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
         layout = block_layout(len(doc), anchors, e.n_samples_per_prompt, e.generate_max_len)
         was_training = unwrapped.training
         unwrapped.eval()
-        blocks = sample_blocks(unwrapped, doc, layout, e.temperature, e.top_p, torch.Generator().manual_seed(seed), pad)
+        blocks = sample_blocks(lm, doc, layout, e.temperature, e.top_p, torch.Generator().manual_seed(seed), pad)
         ids = layout_ids(doc, blocks)
         with reference.active(unwrapped) as network:
             hs = _layout_forward(decoder_body(network), ids.to(accelerator.device), layout,
@@ -133,7 +135,7 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
         rw = feature_matching_rewards(gen, gt, e.n_samples_per_prompt, alignment_coef=e.alignment_coef,
                                       diversity_coef=e.diversity_coef, whiten=e.use_whitening)
         adv = group_advantages(rw.rewards, e.n_samples_per_prompt, e.advantage_estimator).to(accelerator.device)
-        body, head = _lm_parts(unwrapped)
+        body, head = _lm_parts(lm)
         with accelerator.autocast():
             hidden = _layout_forward(body, ids.to(accelerator.device), layout).last_hidden_state[0]
             # the LM head only on the rows that predict block tokens (and the document's, for the cross-entropy)

@@ -50,3 +50,16 @@ def transform(cfg: Any = None, **kwargs: Any):
         }
 
     return transform_fn, {"remove_columns": ["question"]}
+
+
+def ebft_transform(cfg: Any = None, **kwargs: Any):
+    """GSM8K for structured EBFT (`type: reinforge_gsm8k.ebft_transform`): the question as one user message and the
+    worked answer (with its `#### N` line) as `ground_truth`; every original column removed."""
+
+    def transform_fn(example: dict[str, Any], tokenizer: Any = None) -> dict[str, Any]:
+        question, answer = example["question"], example["answer"]
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise TypeError("`question` and `answer` must be text")
+        return {"prompt": [{"role": "user", "content": question}], "ground_truth": answer}
+
+    return transform_fn, {"remove_columns": "__all__"}
