@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from reinforge.config.ebft import EBFTConfig
+from reinforge.config.nemo_gym import NemoGymDataset
 from reinforge.config.schema import DatasetConfig, ReinforgeConfig, TRLConfig
 from reinforge.config.vllm import VLLMServerConfig
 
@@ -45,6 +46,10 @@ def render() -> str:
         "## `datasets[]` / `test_datasets[]`",
         "",
         *table(DatasetConfig),
+        "",
+        "## `nemo_gym_datasets[]`",
+        "",
+        *table(NemoGymDataset, "nemo_gym_datasets[]."),
         "",
         "## `trl:`",
         "",

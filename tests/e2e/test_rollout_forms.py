@@ -95,7 +95,7 @@ BASE = {"base_model": "m", "datasets": [{"path": "d.jsonl"}], "trl": {"reward_fu
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"rl": "ebft"}, "rl: ebft is not implemented yet"),
+    ({"rl": "ebft"}, "remove trl.reward_funcs"),  # EBFT's reward is the feature matching
     ({"rl": "grpo", "trl": {"reward_funcs": ["accuracy"], "use_vllm": True, "vllm_mode": "colocate"}},
      "vllm_mode: colocate is not supported"),
     ({"rl": "grpo", "trl": {"reward_funcs": ["accuracy"], "vllm_lora_sync": True}}, "vllm_lora_sync syncs a LoRA adapter"),

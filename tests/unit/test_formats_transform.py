@@ -97,12 +97,12 @@ def test_remove_columns_all_from_dataset_config(tmp_path, monkeypatch):
 def test_unsupported_map_kwargs_and_missing_function(tmp_path, monkeypatch):
     _write(tmp_path, "tf_bad.py", """
         def batched(cfg, **kw):
-            return (lambda ex: ex), {"batched": True}
+            return (lambda ex: ex), {"batched": True, "with_rank": True}
         def not_a_transform(cfg, **kw):
             return 3
         """)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="batched"):
+    with pytest.raises(ValueError, match="with_rank"):
         resolve(DatasetConfig(path="x", type="tf_bad.batched"), "prompt")
     with pytest.raises(ValueError, match="must return transform_fn"):
         resolve(DatasetConfig(path="x", type="tf_bad.not_a_transform"), "prompt")

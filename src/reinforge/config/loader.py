@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from reinforge.config.nemo_gym import rewrite_raw
 from reinforge.config.schema import ReinforgeConfig
 
 
@@ -120,6 +121,10 @@ def build_config(data: dict[str, Any], source: str = "<config>") -> ReinforgeCon
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping of keys to values")
     data = _apply_method_defaults(data)
+    try:
+        data = rewrite_raw(data)  # Axolotl's legacy dataset keys; nemo_gym_datasets[].max_samples
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     problems = unknown_key_errors(data, ReinforgeConfig)
     if not problems:
         try:

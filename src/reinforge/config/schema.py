@@ -100,12 +100,13 @@ class TRLConfig(AsyncGRPOKeys, VLLMTrainerKeys, StrictModel):
     reward_timeout: float | None = Field(default=None, gt=0.0, description="Per-call timeout (s) for reward functions in the worker pool.")
 
 
+from reinforge.config.nemo_gym import NemoGymKeys  # noqa: E402
 from reinforge.config.performance import PerformanceKeys  # noqa: E402
 from reinforge.config.preference import PreferenceKeys  # noqa: E402
 from reinforge.config.run import RunKeys  # noqa: E402
 
 
-class ReinforgeConfig(PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
+class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, StrictModel):
     """A whole training run. Keys follow Axolotl; see docs/config.md."""
 
     # --- model ---

@@ -19,6 +19,12 @@ BUILTINS: dict[str, str] = {
     "length_reward": "reinforge.rewards.length.length_reward",
 }
 
+#: Other projects' names of reinforge's reward functions (Axolotl's NeMo Gym integration).
+ALIASES: dict[str, str] = {
+    "axolotl.integrations.nemo_gym.rewards.reward_nemo_gym_verify": "reinforge.rewards.nemo_gym.reward_nemo_gym_verify",
+    "axolotl.integrations.nemo_gym.rewards.reward_env": "reinforge.rewards.nemo_gym.reward_env",
+}
+
 BUILTIN_PACKAGE = "reinforge.rewards"
 
 
@@ -71,7 +77,8 @@ def load_reward_func(spec: str, cwd: str | os.PathLike | None = None) -> RewardF
     Order: `module.fn` imported with the working directory first on sys.path (so a `rewards.py`
     next to the config wins), then as an installed module (the rest of sys.path); then
     `reinforge.rewards.<module>.<fn>` (e.g. `math.accuracy`); a name without a dot is looked up in
-    the built-ins (`BUILTINS`: accuracy, format_reward, length_reward).
+    the built-ins (`BUILTINS`: accuracy, format_reward, length_reward). Names in `ALIASES` (Axolotl's NeMo Gym
+    rewards) load reinforge's function of the same role.
 
     Args:
         spec: "module.fn", "package.module.fn" or a built-in short name.
@@ -90,7 +97,9 @@ def load_reward_func(spec: str, cwd: str | os.PathLike | None = None) -> RewardF
     if not sys.path or sys.path[0] != search_dir:
         sys.path.insert(0, search_dir)
     candidates: list[tuple[str, str]] = []
-    if "." in spec:
+    if spec in ALIASES:
+        candidates.append(tuple(ALIASES[spec].rsplit(".", 1)))  # type: ignore[arg-type]
+    elif "." in spec:
         module, attr = spec.rsplit(".", 1)
         candidates.append((module, attr))
         candidates.append((f"{BUILTIN_PACKAGE}.{module}", attr))

@@ -60,14 +60,46 @@ def sampling_params(cfg: ReinforgeConfig) -> SamplingParams:
                           extra=t.generation_kwargs or {})
 
 
+class BackendResources(ExitStack):
+    """What the generation backend holds for a run, closed when the run ends however it ends: connections, the
+    temporary sync directory, and NeMo Gym's servers (`nemo_gym`, a `NemoGymSession`, or None)."""
+
+    nemo_gym = None
+
+
 def build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_main: bool = True):
     """(backend, weight sync, resources) for the config: in-process generation on the policy or on a snapshot copy
     of its weights (`trl.inprocess_sampler`), or a vLLM server
     (waited for up to `trl.vllm_server_timeout`; VLLMError naming the URL when it never answers). `resources` is
-    a context manager that closes the connections and removes a temporary sync directory. With several
-    processes every process talks to the server (each sends its own prompts); only the main process syncs."""
+    a context manager (`BackendResources`) that closes the connections, removes a temporary sync directory and
+    stops the NeMo Gym servers it started (`nemo_gym_enabled`: started or reused here, before the backend). With
+    several processes every process talks to the server (each sends its own prompts); only the main process syncs."""
+    resources = BackendResources()
+    try:
+        if cfg.nemo_gym_enabled:
+            resources.nemo_gym = _start_nemo_gym(cfg, out_dir, is_main, resources)
+        return _build_backend(cfg, policy, tokenizer, out_dir, is_main, resources)
+    except BaseException:
+        resources.close()
+        raise
+
+
+def _start_nemo_gym(cfg: ReinforgeConfig, out_dir: Path, is_main: bool, resources: ExitStack):
+    """NeMo Gym's servers (started by the main process when nemo_gym_auto_start, else reused) as a session whose
+    servers stop when `resources` closes. Raises NemoGymError (a RunError)."""
+    from reinforge.nemo_gym.servers import NemoGymServers
+    from reinforge.nemo_gym.source import NemoGymSession
+
+    servers = NemoGymServers(cfg.nemo_gym_path, cfg.nemo_gym_config_paths, host=cfg.nemo_gym_host,
+                             head_port=cfg.nemo_gym_head_port, timeout=cfg.nemo_gym_server_timeout,
+                             auto_start=cfg.nemo_gym_auto_start and is_main, venv=cfg.nemo_gym_venv,
+                             log_path=out_dir / "nemo_gym.log", wait_for_head=not is_main)
+    resources.enter_context(servers)
+    return NemoGymSession(cfg, servers)
+
+
+def _build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_main: bool, resources: ExitStack):
     t = cfg.trl
-    resources = ExitStack()
     if not t.use_vllm:
         eos = eos_token_ids(policy, tokenizer)
         if t.snapshot_sampler:
@@ -119,25 +151,49 @@ def _temporary_sync_dir(out_dir: Path, resources: ExitStack) -> Path:
 
 
 def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool,
-                   max_new_tokens_fn: Callable | None = None) -> RolloutProducer:
-    """The RolloutProducer of the config: backend (or the user's rollout_func), reward scoring (none without reward
-    functions: EBFT scores on the main thread), the optional per-rollout completion-length cap."""
+                   max_new_tokens_fn: Callable | None = None,
+                   resources: BackendResources | None = None) -> RolloutProducer:
+    """The RolloutProducer of the config: backend (or the user's rollout_func, or NeMo Gym's rollout source when
+    `resources` holds a NeMo Gym session), reward scoring (none without reward functions: EBFT scores on the main
+    thread), the optional per-rollout completion-length cap."""
     from reinforge.rewards import score
     from reinforge.rollout.functions import load_rollout_function
 
     t = cfg.trl
+    rollout_fn = load_rollout_function(t.rollout_func)
+    if cfg.nemo_gym_enabled:
+        session = getattr(resources, "nemo_gym", None)
+        if session is None:
+            raise ValueError("nemo_gym_enabled: build_producer needs the resources of build_backend (its NeMo Gym "
+                             "session)")
+        rollout_fn = _nemo_gym_source(cfg, session, resources)
     producer = RolloutProducer(
         tokenizer, backend, [f.name for f in funcs], sampling_params(cfg),
         (lambda p, c, ids, cols: score(funcs, p, c, cols, timeout=t.reward_timeout, completion_ids=ids, pool=pool))
         if funcs else (lambda p, c, ids, cols: torch.zeros(len(c), 0)),
         chat_kwargs=t.chat_template_kwargs, max_prompt_length=t.max_prompt_length,
-        rollout_fn=load_rollout_function(t.rollout_func), model=policy, eos_token_id=tokenizer.eos_token_id,
+        rollout_fn=rollout_fn, model=policy, eos_token_id=tokenizer.eos_token_id,
         stream_groups=t.streaming_min_groups if t.streaming_partial_batch else None, max_new_tokens_fn=max_new_tokens_fn)
     if t.streaming_partial_batch and not producer.streams:
         log.warning("streaming_partial_batch has no effect here: the %s %s finishes all groups of a rollout together "
                     "(groups stream from a vLLM server)", backend.name,
                     "rollout function" if t.rollout_func else "backend")
     return producer
+
+
+def _nemo_gym_source(cfg: ReinforgeConfig, session, resources: ExitStack):
+    """NeMo Gym's rollout source (single-turn /verify or multi-turn agent /run), closed with `resources`."""
+    t = cfg.trl
+    if cfg.nemo_gym_multi_turn:
+        from reinforge.nemo_gym.multi_turn import MultiTurnSource
+
+        source = MultiTurnSource(session)
+    else:
+        from reinforge.nemo_gym.source import SingleTurnSource
+
+        source = SingleTurnSource(session, chat_kwargs=t.chat_template_kwargs, max_prompt_length=t.max_prompt_length)
+    resources.callback(source.close)
+    return source
 
 
 def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int, old_from_training: bool = False) -> RolloutPreparer:

@@ -176,6 +176,7 @@ class RolloutPreparer:
             "completions/max_length": lengths.max().item(), "completions/clipped_ratio": truncated_all.float().mean().item(),
             "completions/mean_terminated_length": term.mean().item(),
             "time/generation": rollout.timings.get("generation", 0.0), "time/scoring": rollout.timings.get("scoring", 0.0),
+            **rollout.metrics,
         })
         table = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": t,
                   **{name: rewards[i, k].item() for k, name in enumerate(rollout.reward_names)},

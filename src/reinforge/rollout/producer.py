@@ -115,7 +115,7 @@ class RolloutProducer:
                        loss_mask=out.loss_mask or [[1] * len(c) for c in out.completion_ids],
                        sampler_logps=out.logprobs, truncated=list(out.truncated), texts=texts, rewards=rewards,
                        reward_names=list(self.reward_names), policy_version=version, num_generations=self.params.n,
-                       timings=timings)
+                       timings=timings, metrics=dict(out.metrics))
 
     def _produce_streaming(self, rows, prompt_ids, params: SamplingParams, seed: int | None, version: int) -> Rollout:
         """`produce` with groups scored `stream_groups` at a time as they finish (see the class docstring).

@@ -43,6 +43,8 @@ class Completions:
     loss_mask: N lists of 0/1 per completion token (0: a tool/environment token kept out of the loss);
         None: every token is in the loss.
     extra: per-completion columns (name → N values) handed to the reward functions as keyword arguments.
+    metrics: the source's own numbers for this rollout (e.g. NeMo Gym's `nemo_gym/verify_errors`), logged with the
+        rollout metrics.
     """
 
     completion_ids: list[list[int]]
@@ -51,6 +53,7 @@ class Completions:
     prompt_ids: list[list[int]] | None = None
     loss_mask: list[list[int]] | None = None
     extra: dict[str, list[Any]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def check(self, n: int, source: str) -> "Completions":
         """Validate lengths against N = `n` completions. Raises ValueError naming `source` and the field."""
@@ -91,6 +94,7 @@ class Rollout:
     versions: N policy versions, one per completion, when they differ (replayed groups); None: all
         `policy_version`.
     old_logps: N per-token old-policy log-probs saved with replayed groups (None entries: compute them), or None.
+    metrics: the rollout source's own metrics (`Completions.metrics`).
     """
 
     rows: list[dict[str, Any]]
@@ -108,6 +112,7 @@ class Rollout:
     row_ids: list[int] = field(default_factory=list)
     versions: list[int] | None = None
     old_logps: list[list[float] | None] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

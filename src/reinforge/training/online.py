@@ -80,8 +80,10 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         raise RunError(str(exc)) from None
     try:
         producer = build_producer(cfg, policy, tokenizer, backend, funcs, pool,
-                                  max_new_tokens_fn=_adaptive_max_tokens(cfg, tokenizer) if feature_matching else None)
+                                  max_new_tokens_fn=_adaptive_max_tokens(cfg, tokenizer) if feature_matching else None,
+                                  resources=backend_resources)
     except (ImportError, TypeError) as exc:  # trl.rollout_func cannot be imported or has no accepted form
+        backend_resources.close()
         raise RunError(str(exc)) from None
     try:
         plan = BatchPlan(len(data.train), _prompts_per_process(cfg, accelerator.num_processes), accelerator.process_index,

@@ -127,3 +127,25 @@ def default_unpaired(row: dict[str, Any], ds: DatasetConfig) -> dict[str, Any]:
     if msgs[-1]["role"] != "assistant":
         raise RowError(fm, f"the conversation must end with the assistant completion, ends with role {msgs[-1]['role']!r}")
     return {"prompt": msgs[:-1], "completion": msgs[-1:], "label": label_value(row, fl)}
+
+
+@register(
+    "chat_template.default",
+    "prompt",
+    example={"responses_create_params": {"input": [{"role": "developer", "content": "You are helpful."},
+                                                   {"role": "user", "content": "What is 2+2?"}]}, "answer": "4"},
+)
+def default_prompt(row: dict[str, Any], ds: DatasetConfig) -> dict[str, Any]:
+    """`chat_template` for GRPO/GDPO prompts: `field_messages` (default `messages`; a dotted path such as
+    `responses_create_params.input` reads a nested field, as Axolotl's NeMo Gym configs do) is the prompt
+    conversation (or a string: one user message); every other column is kept for the reward functions (the nested
+    field's parent too). A trailing assistant message is dropped (the policy writes that turn).
+    """
+    fm = ds.field_messages or "messages"
+    msgs = prompt_messages(field(row, fm), ds, fm)
+    out: dict[str, Any] = {k: v for k, v in row.items() if k != fm and k != "prompt"}
+    if len(msgs) > 1 and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+        out["_note"] = "a trailing assistant message was dropped from the prompt"
+    out["prompt"] = msgs
+    return out

@@ -8,18 +8,32 @@ from reinforge.config.schema import DatasetConfig
 from reinforge.data.errors import RowError
 
 DEFAULT_ROLES = {
-    "system": ["system"],
+    "system": ["system", "developer"],  # developer: the OpenAI Responses / NeMo Gym name of the system role
     "user": ["user", "human"],
     "assistant": ["assistant", "gpt", "model"],
     "tool": ["tool"],
 }
 
 
+def lookup(row: dict[str, Any], name: str) -> Any:
+    """`row[name]`; a dotted name (`responses_create_params.input`) that is not a column itself walks nested
+    mappings. None when absent."""
+    if name in row or "." not in name:
+        return row.get(name)
+    value: Any = row
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def field(row: dict[str, Any], name: str, types: type | tuple[type, ...] | None = None) -> Any:
-    """`row[name]`, checked for presence (non-None) and type. Raises RowError naming the field."""
-    if name not in row or row[name] is None:
+    """`row[name]` (a dotted name reads nested mappings, see `lookup`), checked for presence (non-None) and type.
+    Raises RowError naming the field."""
+    value = lookup(row, name)
+    if value is None:
         raise RowError(name, "missing")
-    value = row[name]
     if types is not None and not isinstance(value, types):
         want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
         raise RowError(name, f"expected {want}, got {type(value).__name__}")
