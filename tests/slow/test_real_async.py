@@ -43,7 +43,11 @@ def test_async_example_real_model_short_run(tmp_path, real_model_dir, monkeypatc
     assert [x["sample/staleness_mean"] for x in m] == [0.0, 1.0]  # step 2 trains the rollout prefetched during step 1
     for x in m:
         assert 0.0 <= x["rewards/accuracy/mean"] <= 1.0 and x["completions/max_length"] <= 32
-        for key in ("sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean",
-                    "time/rollout_wait", "replay_buffer_size", "skipped_zero_adv_batches"):
+        for key in ("time/rollout_wait", "replay_buffer_size", "skipped_zero_adv_batches", "reroll_buffer_size"):
             assert math.isfinite(x[key]), key
+        # the sampler weights come from the trained micro-batches' forwards; 32-token answers are rarely right, so
+        # a step whose 4 micro-batches all have zero advantages trains nothing (and logs no sampling metrics)
+        if x["skipped_zero_adv_batches"] < 4:
+            for key in ("sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean"):
+                assert math.isfinite(x[key]), key
     assert (out / "adapter_config.json").exists()
