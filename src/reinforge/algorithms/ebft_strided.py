@@ -81,12 +81,9 @@ def block_layout(doc_len: int, anchors: list[int], num_samples: int, block: int)
     allowed = torch.zeros(S, S, dtype=torch.bool)
     allowed[:L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
     context = torch.arange(L).unsqueeze(0) < block_anchor.unsqueeze(1)  # [B, L]
-    rows = block_index.flatten()
-    allowed[rows, :L] = context.repeat_interleave(g, dim=0)
-    within = torch.ones(g, g, dtype=torch.bool).tril()
-    for b in range(B):  # each block: causal over its own tokens
-        idx = block_index[b]
-        allowed[idx.unsqueeze(1), idx.unsqueeze(0)] = within
+    allowed[L:, :L] = context.repeat_interleave(g, dim=0)
+    block_of = torch.arange(B).repeat_interleave(g)  # block tokens: causal within their own block
+    allowed[L:, L:] = (block_of.unsqueeze(1) == block_of.unsqueeze(0)) & torch.ones(B * g, B * g, dtype=torch.bool).tril()
     pred_index = torch.cat([(block_anchor - 1).unsqueeze(1), block_index[:, :-1]], dim=1)
     gt_index = a.unsqueeze(1) + offsets
     return BlockLayout(L, a, n, g, positions, allowed, block_index, pred_index, gt_index)

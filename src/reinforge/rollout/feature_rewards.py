@@ -23,6 +23,12 @@ REWARD_NAME = "feature_matching"
 log = logging.getLogger(__name__)
 
 
+def num_hidden_layers(model: torch.nn.Module) -> int:
+    """Decoder depth L of a causal LM (possibly wrapped by peft and/or LogpsModel; a VLM's text config)."""
+    config = getattr(model, "model", model).config
+    return getattr(getattr(config, "text_config", config), "num_hidden_layers")
+
+
 def decoder_body(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack (no LM head) of a causal LM, possibly wrapped by peft and/or reinforge's LogpsModel."""
     inner = getattr(model, "model", model)  # LogpsModel → the HF / peft model

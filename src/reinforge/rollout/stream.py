@@ -119,7 +119,7 @@ class RolloutStream:
             self.replay.load_state_dict(state["replay"])
         if self.reroll is not None and state.get("reroll"):
             self.reroll.load_state_dict(state["reroll"])
-        self._counters = {"reroll_injected": 0}
+        self._injected = 0  # re-rolled prompts injected since the last rollout's metrics
         if self.current is None and 0 < self.offset < self.per_rollout * num_iterations:
             raise ValueError("a partly consumed rollout needs its saved state to continue")
 
@@ -181,7 +181,7 @@ class RolloutStream:
         rows = rows if self.plan.world_size == 1 else rows[rank * self.plan.per_process:(rank + 1) * self.plan.per_process]
         if self.reroll is not None:
             rows, injected = self.reroll.inject(rows, step)
-            self._counters["reroll_injected"] += injected
+            self._injected += injected
         return rows
 
     def _produce(self, index: int, rank: int, version: int, row_ids: list[int]) -> Rollout:
@@ -224,7 +224,7 @@ class RolloutStream:
         if self.reroll is not None:  # held by the process that chooses the prompts: buffer its failed ones
             metrics["reroll_buffered"] = float(sum(self.reroll.record(p) for p in parts))
             metrics["reroll_buffer_size"] = float(len(self.reroll))
-            metrics["reroll_injected"], self._counters["reroll_injected"] = float(self._counters["reroll_injected"]), 0
+            metrics["reroll_injected"], self._injected = float(self._injected), 0
         return rollout, metrics
 
     def _take_prefetched(self, index: int) -> tuple[list[Rollout], dict[str, float]]:

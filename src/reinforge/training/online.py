@@ -30,7 +30,7 @@ from reinforge.models.loading import load_reference
 from reinforge.rewards import RewardPool, load_reward_funcs
 from reinforge.rollout.curate import ReplayBuffer, RerollBuffer
 from reinforge.rollout.factory import build_backend, build_preparer, build_producer, eos_token_ids
-from reinforge.rollout.feature_rewards import FeatureMatchingScorer, adaptive_max_tokens
+from reinforge.rollout.feature_rewards import FeatureMatchingScorer, adaptive_max_tokens, num_hidden_layers
 from reinforge.rollout.prepare import RolloutBatch
 from reinforge.rollout.stream import RolloutStream
 from reinforge.rollout.vllm import VLLMError
@@ -156,7 +156,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     if feature_matching:
         e = cfg.ebft
         scorer = FeatureMatchingScorer(lambda: reference.active(unwrapped), tokenizer,
-                                       num_hidden_layers=_num_hidden_layers(unwrapped), feature_layers=e.feature_layers,
+                                       num_hidden_layers=num_hidden_layers(unwrapped), feature_layers=e.feature_layers,
                                        embed_method=e.embed_method, alignment_coef=e.alignment_coef,
                                        diversity_coef=e.diversity_coef, whiten=e.use_whitening,
                                        eos_token_ids=eos_token_ids(policy, tokenizer))
@@ -231,11 +231,6 @@ def _adaptive_max_tokens(cfg: ReinforgeConfig, tokenizer):
         return adaptive_max_tokens(lengths, e.gt_length_multiplier, cfg.trl.max_completion_length)
 
     return cap
-
-
-def _num_hidden_layers(module) -> int:
-    config = getattr(module, "model", module).config
-    return getattr(getattr(config, "text_config", config), "num_hidden_layers")
 
 
 def _loop_state(acc: MetricsAccumulator, stream: RolloutStream, rollout_metrics: MetricsAccumulator) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from reinforge.algorithms.ebft_strided import (block_layout, document_ce, layout
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.models.forward import LogpsModel
 from reinforge.models.loading import load_reference
-from reinforge.rollout.feature_rewards import decoder_body
+from reinforge.rollout.feature_rewards import decoder_body, num_hidden_layers
 from reinforge.rollout.stream import rollout_seed
 from reinforge.training.distributed import BatchPlan, BatchStream, loss_for_backward, prepare_frozen_model
 from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
@@ -92,7 +92,7 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
     e = cfg.ebft
     resume, accelerator, out_dir, tokenizer, data, policy = start_run(cfg)
     reference = load_reference(cfg, policy)  # the feature network
-    layers = feature_layer_indices(e.feature_layers, policy.config.num_hidden_layers)
+    layers = feature_layer_indices(e.feature_layers, num_hidden_layers(policy))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     plan = BatchPlan(len(data.train), cfg.micro_batch_size, accelerator.process_index, accelerator.num_processes,
                      cfg.seed)
@@ -109,12 +109,13 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
     writer = MetricsWriter(out_dir, accelerator, resume_step=run.step if resume else None)
     unwrapped = accelerator.unwrap_model(module)
     lm = unwrapped.model  # the causal LM (plain or peft)
-    batches = BatchStream(plan, data.train, lambda rows: rows, start=saved.get("position", 0))
+    documents = [document(row, tokenizer, cfg) for row in data.train]  # tokenised once, not every epoch
+    batches = BatchStream(plan, documents, lambda docs: docs, start=saved.get("position", 0))
     params = [p for p in module.parameters() if p.requires_grad]
 
-    def document_loss(row: dict[str, Any], seed: int, scale: float) -> dict[str, float] | None:
+    def document_loss(doc: torch.Tensor, ce_mask: torch.Tensor, first: int, seed: int,
+                      scale: float) -> dict[str, float] | None:
         """Sample, score and backpropagate one document (loss × scale); its metrics, None without an anchor."""
-        doc, ce_mask, first = document(row, tokenizer, cfg)
         anchors = strided_anchors(len(doc), first, e.stride, e.generate_max_len)
         if not anchors:
             return None
@@ -165,8 +166,9 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
                 _, batch_rows, docs = next(batches)
                 sync = micro == cfg.gradient_accumulation_steps - 1
                 with accelerator.no_sync(module) if not sync else nullcontext():
-                    for j, row in enumerate(docs):
-                        m = document_loss(row, rollout_seed(cfg.seed, k, accelerator.process_index * 1000 + j),
+                    for j, (doc, ce_mask, first) in enumerate(docs):
+                        m = document_loss(doc, ce_mask, first,
+                                          rollout_seed(cfg.seed, k, accelerator.process_index * 1000 + j),
                                           1.0 / len(docs))
                         if m is None:
                             step_acc.add({"ebft/documents_without_anchor": 1.0})
