@@ -30,6 +30,7 @@ $(VENV)/.installed: $(VENV)/.base pyproject.toml constraints.txt
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q --no-deps -c constraints.txt axolotl
 	touch $@
 
 install: $(VENV)/.installed

@@ -119,6 +119,21 @@ def test_argilla_chat_multi_turn_is_reported_not_silent():
     assert rec["chosen"] == "4<|im_end|>"
 
 
+@pytest.mark.parametrize("row, field, words", [
+    ({"completion": [{"role": "user", "content": Q}, {"role": "user", "content": C}], "label": True}, "completion",
+     "assistant completion"),
+    ({"completion": [{"role": "human", "content": Q}, {"role": "assistant", "content": C}], "label": True}, "completion",
+     "role 'human'"),
+    ({"completion": [{"content": Q}, {"role": "assistant", "content": C}], "label": True}, "completion", "message 0"),
+    ({"completion": [], "label": True}, "completion", "non-empty"),
+    ({"completion": [{"role": "assistant", "content": C}], "label": True}, "chosen", "missing"),
+])
+def test_kto_argilla_chat_errors_name_the_field(row, field, words):
+    with pytest.raises(RowError) as err:
+        get_format("chatml.argilla_chat", "unpaired").fn(row, DS)
+    assert err.value.field == field and words in str(err.value)
+
+
 def test_argilla_chat_wrong_roles_rejected():
     with pytest.raises(RowError) as err:
         get_format("chatml.argilla_chat", "paired").fn({"chosen": list(reversed(CONV_C)), "rejected": CONV_R}, DS)

@@ -1,11 +1,12 @@
 """Axolotl's text-templated formats: `chatml.*`, `llama3.*` (DPO and KTO) and `zephyr.nectar`.
 
 These formats write the chat markup into the text themselves (the tokenizer's chat template is not
-used), exactly as Axolotl's strategies of the same names do: the prompt is a system turn (when the
-row has a non-empty `system`), one user turn and the assistant header; each response is its text
-followed by the end-of-turn marker. Only the first exchange of a conversation is used by the
-`argilla_chat`/`ultra` variants (as in Axolotl); rows with more turns are counted and reported.
-For multi-turn data use `chat_template.argilla_chat`.
+used), exactly as Axolotl 0.19's strategies of the same names do: the prompt is a system turn (when
+the row has a non-empty `system`), one user turn and the assistant header; each response is its text
+followed by the end-of-turn marker. The DPO `argilla_chat`/`ultra` variants use only the first
+exchange of a conversation (as Axolotl); rows with more turns are counted and reported (for
+multi-turn DPO data use `chat_template.argilla_chat`). The KTO `argilla_chat` variant renders the
+whole history before the last message as the prompt, one turn per message (as Axolotl 0.19).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class Markup:
         """System turn (when given and non-empty), the user turn, the assistant header."""
         head = self.turn("system", system) if system else ""
         return head + self.turn("user", user) + f"{self.begin}assistant{self.after_role}"
+
+    def history_prompt(self, history: list[dict[str, str]]) -> str:
+        """Every message of `history` as a turn of its own role, then the assistant header."""
+        return "".join(self.turn(msg["role"], msg["content"]) for msg in history) + f"{self.begin}assistant{self.after_role}"
 
     def response(self, text: str) -> str:
         return text + self.end
@@ -71,6 +76,23 @@ def _exchange(row: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], boo
             raise RowError(name, f"message {i} must be the {want} turn, got role {role!r} "
                                  "(for other layouts use chat_template.argilla_chat)")
     return msgs, len(msgs) > 2
+
+
+_TURN_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _turns(row: dict[str, Any], name: str) -> list[dict[str, str]]:
+    """`row[name]` as a non-empty list of `{role, content}` messages with standard roles (for a turn-by-turn
+    rendering). Raises RowError naming the field and the first bad message."""
+    msgs = field(row, name, list)
+    if not msgs:
+        raise RowError(name, "expected a non-empty list of messages, got []")
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or not isinstance(msg.get("role"), str):
+            raise RowError(name, f"message {i} must be a mapping with text `role` and `content`, got {str(msg)[:80]}")
+        if msg["role"] not in _TURN_ROLES:
+            raise RowError(name, f"message {i} has role {msg['role']!r}; expected one of {', '.join(_TURN_ROLES)}")
+    return [{"role": msg["role"], "content": msg["content"]} for msg in msgs]
 
 
 def _first_present(row: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -157,23 +179,17 @@ def _register_unpaired(m: Markup) -> None:
               example={"completion": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
                        "label": True})
     def argilla_chat(row: dict[str, Any], ds: DatasetConfig) -> dict[str, Any]:
-        """`completion` is a [user, assistant] conversation (argilla/kto-mix-15k); or `completion` is
-        [assistant] and the user turn is `chosen[0]` (the layout Axolotl documents for chatml)."""
-        comp = field(row, "completion", list)
-        if len(comp) >= 2:
-            msgs, more = _exchange(row, "completion")
-            user, answer = msgs[0]["content"], msgs[1]["content"]
-        else:
-            chosen = field(row, "chosen", list)
-            if not chosen or not isinstance(chosen[0], dict) or not isinstance(chosen[0].get("content"), str):
-                raise RowError("chosen", "expected [user message] when `completion` holds only the assistant message")
-            if not comp or not isinstance(comp[0], dict) or not isinstance(comp[0].get("content"), str):
-                raise RowError("completion", "expected [user, assistant] or [assistant] messages")
-            user, answer, more = chosen[0]["content"], comp[0]["content"], False
-        out = finish(row, ds, user, answer, None)
-        if more:
-            out["_note"] = "turns after the first exchange ignored"
-        return out
+        """`completion` is a conversation (argilla/kto-mix-15k): its last (assistant) message is the
+        completion, every message before it the prompt, one turn per message in its own role, then the
+        assistant header (Axolotl 0.19's rule; the `system` column is not used). When `completion` is
+        only the assistant message, the history is `chosen` (the layout Axolotl documents for chatml;
+        Axolotl 0.19 would write a prompt with no turn at all)."""
+        comp = _turns(row, "completion")
+        history = comp[:-1] if len(comp) >= 2 else _turns(row, "chosen")
+        if comp[-1]["role"] != "assistant":
+            raise RowError("completion", f"the last message must be the assistant completion, got role {comp[-1]['role']!r}")
+        return {"prompt": m.history_prompt(history), "completion": m.response(comp[-1]["content"]),
+                "label": label_value(row, ds.field_label or "label")}
 
 
 for _markup in (CHATML, LLAMA3):
