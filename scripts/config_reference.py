@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from reinforge.config.ebft import EBFTConfig
 from reinforge.config.nemo_gym import NemoGymDataset
-from reinforge.config.schema import DatasetConfig, ReinforgeConfig, TRLConfig
+from reinforge.config.schema import DatasetConfig, GradientCheckpointingKwargs, ReinforgeConfig, TRLConfig
 from reinforge.config.vllm import VLLMServerConfig
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -50,6 +50,10 @@ def render() -> str:
         "## `nemo_gym_datasets[]`",
         "",
         *table(NemoGymDataset, "nemo_gym_datasets[]."),
+        "",
+        "## `gradient_checkpointing_kwargs:`",
+        "",
+        *table(GradientCheckpointingKwargs, "gradient_checkpointing_kwargs."),
         "",
         "## `trl:`",
         "",

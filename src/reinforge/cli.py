@@ -19,7 +19,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="train on N processes on this machine (data parallel; gloo on CPU, NCCL on GPUs): re-launches "
                         "itself N times with torchrun's environment, like `torchrun --nproc-per-node N -m "
                         "reinforge.cli train ...`")
-    v = sub.add_parser("validate", help="print the resolved config, or the errors")
+    t.add_argument("--debug", action="store_true", help="on an error, print the full traceback (and the sample a "
+                                                        "reward function failed on) before the one-line message; "
+                                                        "also REINFORGE_DEBUG=1")
+    v = sub.add_parser("validate", help="print the resolved config, or every error found before training (models, "
+                                        "data, dataset types, reward/rollout functions, the run)")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
     pp = sub.add_parser("preprocess", help="prepare and cache the data; print counts, token lengths and examples")
@@ -60,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     from reinforge.config import ConfigError, load_config
+    from reinforge.config.preflight import preflight
     from reinforge.data.errors import DataError
+    from reinforge.user_code import debug_enabled
+
+    if getattr(args, "debug", False):
+        os.environ["REINFORGE_DEBUG"] = "1"  # processes started by --num-processes inherit it
+    debug = debug_enabled()
 
     if args.command == "report":
         from reinforge.training.report import ReportError, write_report
@@ -78,6 +88,7 @@ def _main(argv: list[str] | None) -> int:
             print(convert_gguf(args.gguf, args.out_dir))
             return 0
         cfg = load_config(args.config, args.overrides)
+        preflight(cfg, args.command, args.config)
         if args.command == "validate":
             print(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=False), sort_keys=False), end="")
             return 0
@@ -118,12 +129,26 @@ def _main(argv: list[str] | None) -> int:
                 print(f"reinforge: {exc}", file=sys.stderr)
             return exc.exit_code
         except (RunError, RewardFunctionError, RewardLoadError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _print_error(exc, debug)
             return EXIT_RUN_ERROR
         return EXIT_OK
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        _print_error(exc, debug)
+        return getattr(exc, "exit_code", EXIT_CONFIG_ERROR)  # preflight: 1 when only the run's state is at fault
+
+
+def _print_error(exc: Exception, debug: bool) -> None:
+    """`error: ...` as the last line on stderr (a user code error: one line); with --debug / REINFORGE_DEBUG=1 the
+    sample and traceback of the user's code (`detail`) and reinforge's own traceback come first."""
+    import traceback
+
+    from reinforge.user_code import UserCodeError
+
+    if debug:
+        if detail := getattr(exc, "detail", None):
+            print(detail.rstrip(), file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {exc.what if isinstance(exc, UserCodeError) else exc}", file=sys.stderr)
 
 
 def _overrides_anywhere(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -143,3 +143,23 @@ def test_ctrl_c_stops_both_processes_after_the_same_step(tmp_path, tiny_model_di
     assert state["world_size"] == 2 and state["position"] == step
     assert (tmp_path / "out" / f"checkpoint-{step}" / "rank_1.pt").exists()
     assert "resume with: reinforge train --num-processes=2 run.yaml resume_from_checkpoint=true" in text
+
+
+def test_strided_ebft_two_processes_equal_one(tmp_path, tiny_model_dir, monkeypatch):
+    """EBFT strided mode: blocks are seeded per micro-batch and document, so two processes of one document each
+    sample, reward and train what one process of two documents does (full fine-tune: a frozen feature copy)."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"def f{i}(x):\n    return x * {i} + {i * i}  # a small function number {i}\n"} for i in range(4)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = {"base_model": str(tiny_model_dir), "rl": "ebft", "datasets": [{"path": "docs.jsonl", "type": "ebft_pretrain.transform"}],
+           "ebft": {"mode": "strided", "stride": 4, "context_length": 4, "generate_max_len": 3, "n_samples_per_prompt": 2,
+                    "feature_layers": [0.5, 1.0], "ce_coef": 0.1},
+           "micro_batch_size": 2, "max_steps": 2, "learning_rate": 0.05, "lr_scheduler": "constant", "optimizer": "sgd",
+           "sequence_len": 40, "use_tensorboard": False, "seed": 5}
+    (tmp_path / "ebft.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "ebft.yaml", "output_dir=one"]) == 0
+    run_two([str(BIN / "reinforge"), "train", "--num-processes", "2", "ebft.yaml", "output_dir=two", "micro_batch_size=1"],
+            tmp_path)
+    m = assert_same(tmp_path / "one", tmp_path / "two", ("loss", "ebft/rl_loss", "ebft/ce_loss", "ebft/cfm_loss",
+                                                         "ebft/reward", "grad_norm"))
+    assert m[0]["grad_norm"] > 0

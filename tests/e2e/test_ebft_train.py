@@ -101,3 +101,54 @@ def test_strided_ebft_prompt_completion_rows(tmp_path, monkeypatch, tiny_model_d
                         ebft={"advantage_estimator": "group_norm"})
     assert main(["train", str(cfg)]) == 0
     assert all(x["ebft/num_blocks"] >= 2 and x["ebft/ce_loss"] == 0.0 for x in metrics(tmp_path))
+
+
+HELD_OUT = [{"text": f"class C{i}:\n    value = {i * 7}\n    def get(self):\n        return self.value - {i}\n"}
+            for i in range(3)]
+
+
+@pytest.mark.parametrize("learning_rate", [1e-2, 1e-12])
+def test_strided_ebft_evaluates_held_out_documents(tmp_path, monkeypatch, tiny_model_dir, learning_rate):
+    """Held-out documents (test_datasets) are scored before the first step, every eval_steps and after the last,
+    each with the same sampling seed every time: eval_ebft/ce_loss is the policy's plain causal cross-entropy
+    (checked against transformers at step 0), and with a learning rate too small to move a float32 weight the last evaluation equals the first."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(r) for r in HELD_OUT))
+    cfg = strided_setup(tmp_path, monkeypatch, tiny_model_dir, TEXTS, "ebft_pretrain.transform",
+                        test_datasets=[{"path": "held.jsonl", "type": "ebft_pretrain.transform"}], eval_steps=2,
+                        learning_rate=learning_rate)
+    assert main(["train", str(cfg)]) == 0
+    evals = [x for x in metrics(tmp_path) if "eval_ebft/cfm_loss" in x]
+    assert [x["step"] for x in evals] == [0, 2, 3]
+    for x in evals:
+        for key in ("eval_ebft/alignment", "eval_ebft/diversity", "eval_ebft/reward", "eval_ebft/ce_loss"):
+            assert x[key] == x[key], key
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ces = []
+    with torch.no_grad():
+        for r in HELD_OUT:
+            ids = torch.tensor([tok(r["text"], add_special_tokens=False)["input_ids"][:40]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            ces.append(float(-logp.gather(1, ids[0, 1:, None]).mean()))
+    assert evals[0]["eval_ebft/ce_loss"] == pytest.approx(sum(ces) / len(ces), rel=1e-5)
+    first, last = evals[0], evals[-1]
+    if learning_rate < 1e-9:
+        assert {k: v for k, v in last.items() if k.startswith("eval_")} == \
+            pytest.approx({k: v for k, v in first.items() if k.startswith("eval_")}, rel=1e-6)
+    else:
+        assert last["eval_ebft/ce_loss"] != pytest.approx(first["eval_ebft/ce_loss"], rel=1e-6)
+
+
+def test_ebft_structured_evaluates_held_out_prompts(tmp_path, monkeypatch, tiny_model_dir):
+    """Structured EBFT evaluates its held-out rows with the feature-matching scorer: eval_ebft/* metrics."""
+    cfg = setup(tmp_path, monkeypatch, tiny_model_dir, val_set_size=2, eval_steps=2, max_steps=3)
+    assert main(["train", str(cfg)]) == 0
+    evals = [x for x in metrics(tmp_path) if "eval_ebft/cfm_loss" in x]
+    assert [x["step"] for x in evals] == [0, 2, 3]
+    for key in ("eval_ebft/alignment", "eval_ebft/diversity", "eval_ebft/reward", "eval_reward",
+                "eval_completions/mean_length"):
+        assert evals[-1][key] == evals[-1][key], key

@@ -101,3 +101,24 @@ def test_prefix_sharing_changes_no_number(tmp_path, monkeypatch, tiny_model_dir)
     assert on["reward"] == off["reward"] and on["completions/mean_length"] == off["completions/mean_length"]
     for key in ("loss", "entropy", "kl", "grad_norm", "clip_ratio/region_mean"):
         assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("learning_rate", [2e-2, 1e-12])
+def test_grpo_evaluates_held_out_prompts(tmp_path, monkeypatch, tiny_model_dir, learning_rate):
+    """val_set_size holds prompts out; they are sampled and scored before the first step, every eval_steps and
+    after the last, with the same seeds each time (eval_* metrics, TRL's names): the eval reward rises as the policy
+    learns, and with a learning rate too small to move a float32 weight the last evaluation equals the first."""
+    cfg = setup(tmp_path, monkeypatch, tiny_model_dir, val_set_size=4, eval_steps=6, max_steps=12,
+                learning_rate=learning_rate)
+    assert main(["train", str(cfg)]) == 0
+    evals = [x for x in metrics(tmp_path) if "eval_reward" in x]
+    assert [x["step"] for x in evals] == [0, 6, 12]
+    for key in ("eval_rewards/even_tokens/mean", "eval_reward_std", "eval_completions/mean_length"):
+        assert key in evals[0], key
+    first, last = evals[0], evals[-1]
+    if learning_rate < 1e-9:
+        assert {k: v for k, v in last.items() if k.startswith("eval_")} == \
+            pytest.approx({k: v for k, v in first.items() if k.startswith("eval_")}, rel=1e-6)
+    else:  # 4 prompts × 8 completions of 8 tokens: std of the mean reward ≈ 0.5/sqrt(256) ≈ 0.03
+        assert last["eval_reward"] > first["eval_reward"] + 0.1, evals
+

@@ -120,3 +120,27 @@ def test_document_ce_by_hand():
     doc = torch.tensor([0, 1, 2, 3])
     ce = document_ce(logits, doc, torch.tensor([1, 1, 0, 1]))
     assert ce.item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_kv_cached_block_sampler_draws_from_the_layout_distribution(top_p):
+    """The sampler's KV-cached steps (document once, then one token of every block per forward) give each drawn
+    token the log-prob the full layout forward gives it (float64, 1e-9): the same attention as `block_layout`'s."""
+    from transformers import TopPLogitsWarper
+
+    from reinforge.training.strided import sample_blocks
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(2)
+    doc = torch.randint(0, 50, (15,), generator=g)
+    lay = block_layout(15, strided_anchors(15, 3, 4, 4), 3, 4)  # anchors 3, 7, 11; 9 blocks of 4
+    blocks, logps = sample_blocks(model, doc, lay, 0.7, top_p, torch.Generator().manual_seed(5), pad_token_id=0)
+    assert blocks.shape == (9, 4) and not torch.equal(blocks[0], blocks[1])  # samples of one anchor differ
+    with torch.no_grad():
+        scores = forward(model, layout_ids(doc, blocks), lay)[lay.pred_index.flatten()] / 0.7
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+    expected = torch.log_softmax(scores, -1).gather(1, blocks.reshape(-1, 1)).view(9, 4)
+    torch.testing.assert_close(logps, expected, atol=1e-9, rtol=0)
+    again, _ = sample_blocks(model, doc, lay, 0.7, top_p, torch.Generator().manual_seed(5), pad_token_id=0)
+    assert torch.equal(again, blocks)  # private generator: the same seed draws the same blocks

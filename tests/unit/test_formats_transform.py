@@ -125,5 +125,6 @@ def test_transform_errors_become_row_errors(tmp_path, monkeypatch):
         """)
     monkeypatch.chdir(tmp_path)
     ds = DatasetConfig(path="x", type="tf_raise.t")
-    with pytest.raises(RowError, match="ZeroDivisionError: boom"):
+    with pytest.raises(RowError, match=r"dataset transform tf_raise.t raised ZeroDivisionError\('boom'\)") as err:
         resolve(ds, "prompt").fn({"q": 1}, ds)
+    assert 'raise ZeroDivisionError("boom")' in err.value.detail  # the traceback, for --debug

@@ -197,3 +197,15 @@ def test_collator_errors():
         UnpairedCollator(0)([{**ROWS[0], "label": "yes"}, ROWS[1]])
     with pytest.raises(ValueError, match="precomputed reference"):
         UnpairedCollator(0)([{**r, "ref_logps": -1.0} for r in ROWS])
+
+
+def test_mismatched_pairs_rotate_over_the_global_micro_batch():
+    """Two processes holding ROWS[:2] and ROWS[2:] build the KL sequences one process builds from all of ROWS."""
+    c = UnpairedCollator(pad_id=0)
+    one = c(UnpairedCollator.with_global_batch(ROWS, ROWS, 0))
+    assert all(torch.equal(one[k], c(ROWS)[k]) for k in ("input_ids", "targets", "n_tokens"))  # = in-batch rotation
+    parts = [c(UnpairedCollator.with_global_batch(ROWS[:2], ROWS, 0)), c(UnpairedCollator.with_global_batch(ROWS[2:], ROWS, 2))]
+    kl = [r[m.bool()].tolist() for p in parts for r, m in zip(p["input_ids"][p["n_examples"]:], p["attention_mask"][p["n_examples"]:])]
+    assert kl == [[1, 2, 3, 12, 13, 14], [7, 8, 4, 5], [11, 9]]  # not [1, 2, 3, 9] and [11, 12, 13, 14] per process
+    with pytest.raises(ValueError, match="not global_rows"):
+        UnpairedCollator.with_global_batch(ROWS[2:], ROWS, 0)

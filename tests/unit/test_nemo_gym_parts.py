@@ -41,11 +41,86 @@ def gym_cfg(tmp_path, **over):
 
 
 def test_seed_keys_validate_with_axolotl_defaults(tmp_path):
-    cfg = build_config(gym_cfg(tmp_path))
+    cfg = build_config(gym_cfg(tmp_path, dataset_prepared_path=str(tmp_path / "cache")))
     assert (cfg.nemo_gym_head_port, cfg.nemo_gym_server_timeout, cfg.nemo_gym_verify_timeout,
             cfg.nemo_gym_run_timeout, cfg.nemo_gym_multi_turn) == (11000, 360, 30, 300, False)
     assert cfg.datasets[0].message_property_mappings == {"role": "role", "content": "content"}
-    assert cfg.datasets[0].split == "train[:3]"  # max_samples: the first rows of the matching datasets entry
+    assert (cfg.nemo_gym_auto_clone, cfg.nemo_gym_max_turns) == (None, None)
+
+
+def _sampled(cfg) -> list[str]:
+    return [json.loads(l)["responses_create_params"]["input"][1]["content"]
+            for l in open(cfg.datasets[0].path).read().splitlines()]
+
+
+def test_max_samples_is_a_seeded_random_sample(tmp_path):
+    """Axolotl's random.sample of the file's rows, seeded by `seed`: the datasets entry reads a file of those rows
+    (in file order), the same for the same seed; all rows when max_samples exceeds them."""
+    import random
+
+    over = {"dataset_prepared_path": str(tmp_path / "cache")}
+    first = build_config(gym_cfg(tmp_path, seed=5, **over))
+    assert first.datasets[0].path.startswith(str(tmp_path / "cache" / "nemo_gym_samples"))
+    assert first.datasets[0].split == "train"
+    assert _sampled(first) == [f"q{i}" for i in sorted(random.Random(5).sample(range(6), 3))]
+    assert _sampled(build_config(gym_cfg(tmp_path, seed=5, **over))) == _sampled(first)
+    seeds = {tuple(_sampled(build_config(gym_cfg(tmp_path, seed=s, **over)))) for s in range(8)}
+    assert len(seeds) > 1  # the seed chooses the rows (8 seeds giving one 3-of-6 subset: p < 1e-8)
+    gym = gym_cfg(tmp_path, **over)
+    gym["nemo_gym_datasets"][0]["max_samples"] = 50
+    assert _sampled(build_config(gym)) == [f"q{i}" for i in range(6)]
+    gym["datasets"][0]["split"] = "train[:2]"
+    with pytest.raises(ConfigError, match="both choose rows"):
+        build_config(gym)
+
+
+def test_missing_gym_dir_is_refused_not_cloned(tmp_path):
+    from reinforge.nemo_gym.servers import NemoGymError, check_gym_dir
+
+    with pytest.raises(NemoGymError, match="nemo_gym_auto_clone asks to clone.*make gym"):
+        check_gym_dir(tmp_path / "Gym", None)
+    with pytest.raises(NemoGymError, match="nemo_gym_auto_clone is off"):
+        check_gym_dir(tmp_path / "Gym", False)
+    check_gym_dir(tmp_path, True)  # present: nothing to do
+
+
+def test_max_turns_become_agent_max_steps(tmp_path):
+    from reinforge.nemo_gym.servers import max_steps_overrides
+
+    (tmp_path / "g.yaml").write_text("rs:\n  resources_servers:\n    rs: {entrypoint: app.py}\n"
+                                     "ag:\n  responses_api_agents:\n    simple_agent: {entrypoint: app.py}\n")
+    assert max_steps_overrides(["g.yaml"], tmp_path, 3) == ["++ag.responses_api_agents.simple_agent.max_steps=3"]
+    assert max_steps_overrides(["g.yaml"], tmp_path, None) == []
+
+
+def test_episodes_carry_a_vllm_seed_through_the_proxy_metadata():
+    from reinforge.nemo_gym.multi_turn import seeded
+    from reinforge.rollout.vllm import completion_seed
+
+    body = {"responses_create_params": {"input": "q", "metadata": {"extra_body": '{"top_k": 5}', "k": "v"}}}
+    out = seeded(body, 7, 3)
+    meta = out["responses_create_params"]["metadata"]
+    assert json.loads(meta["extra_body"]) == {"top_k": 5, "seed": completion_seed(7, 3)} and meta["k"] == "v"
+    assert body["responses_create_params"]["metadata"]["extra_body"] == '{"top_k": 5}'  # the row is not modified
+    assert seeded(body, None, 3) is body
+
+
+def test_multi_turn_lora_serves_the_base_under_another_name(tmp_path):
+    from reinforge.serving.vllm_serve import nemo_gym_args
+
+    env = "axolotl.integrations.nemo_gym.rewards.reward_env"
+    mt = dict(nemo_gym_multi_turn=True, adapter="lora", lora_r=8, lora_target_modules=["q_proj"],
+              trl={"reward_funcs": [env], "num_generations": 2, "use_vllm": True, "vllm_lora_sync": True})
+    cfg = build_config(gym_cfg(tmp_path, **mt))
+    assert cfg.nemo_gym_policy_name == "m" and nemo_gym_args(cfg) == [
+        "--served-model-name", "m-base", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    full = build_config(gym_cfg(tmp_path, **{**mt, "adapter": None, "nemo_gym_model_name": "pol",
+                                             "trl": {**mt["trl"], "vllm_lora_sync": None}}))
+    assert nemo_gym_args(full)[:2] == ["--served-model-name", "pol"]
+    own = build_config(gym_cfg(tmp_path, **mt, vllm={"extra_args": ["--served-model-name=x", "--tool-call-parser",
+                                                                    "llama3_json"]}))
+    assert nemo_gym_args(own) == []
+    assert nemo_gym_args(build_config(gym_cfg(tmp_path))) == []  # single-turn: nothing
     plain = {k: v for k, v in gym_cfg(tmp_path).items() if not k.startswith("nemo_gym") and k != "plugins"}
     assert build_config(plain).nemo_gym_dir == "~/Gym" and not build_config(plain).nemo_gym_enabled
 
@@ -61,6 +136,8 @@ def test_seed_keys_validate_with_axolotl_defaults(tmp_path):
      "not the reward of single-turn"),
     ({"nemo_gym_multi_turn": True, "trl": {"reward_funcs": ["axolotl.integrations.nemo_gym.rewards.reward_env"],
                                            "num_generations": 2}}, "trl.use_vllm: true"),
+    ({"nemo_gym_max_turns": 3}, "nemo_gym_max_turns bounds the model calls of a multi-turn episode"),
+    ({"nemo_gym_max_turns": 0, "nemo_gym_multi_turn": True}, "nemo_gym_max_turns"),
     ({"nemo_gym_head_port": 0}, "nemo_gym_head_port"),
     ({"nemo_gym_verify_timeout": 0}, "nemo_gym_verify_timeout"),
     ({"nemo_gym_datasets": [{"path": "d.jsonl", "server_name": "rs", "max_samples": 0}]}, "max_samples"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reinforge.config.loader import build_config
+from reinforge.config.loader import ConfigError, build_config
 from reinforge.data.errors import DataError
 from reinforge.data.prepare import prepare_data
 
@@ -178,8 +178,8 @@ def test_per_dataset_chat_template(tmp_path, tokenizer):
     p = write(tmp_path / "d.jsonl", [{"messages": [U], "chosen": "4", "rejected": "5"}])
     d = prepare_data(cfg(tmp_path, [{"path": p, "type": "chat_template.default", "chat_template": "llama3"}]), tokenizer)
     assert tokenizer.decode(d.train[0]["prompt_ids"]).startswith("<|im_start|><|start_header_id|>user")
-    with pytest.raises(DataError, match="unknown chat_template"):
-        prepare_data(cfg(tmp_path, [{"path": p, "type": "chat_template.default", "chat_template": "nope"}]), tokenizer)
+    with pytest.raises(ConfigError, match=r"`datasets\[0\].chat_template`: unknown chat_template 'nope'"):
+        cfg(tmp_path, [{"path": p, "type": "chat_template.default", "chat_template": "nope"}])  # refused by the config
 
 
 # ---- the cache ---------------------------------------------------------------------------------------

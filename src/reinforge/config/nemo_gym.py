@@ -10,7 +10,9 @@ Also here (they come with Axolotl's NeMo Gym configs): Axolotl's legacy dataset 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ class NemoGymDataset(_Strict):
 
     path: str = Field(description="JSONL file relative to nemo_gym_dir (as in Axolotl: not absolute, or it is joined twice). The `datasets:` entry with the same file is the training data.")
     server_name: str | None = Field(default=None, description="Resource server (its top-level name in the NeMo Gym config) whose /verify scores the rows; a row's own `agent_ref` naming a resources server wins.")
-    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many rows of the file: the first ones (the matching `datasets:` entry reads split `train[:max_samples]`).")
+    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many rows of the file, drawn at random (as Axolotl) but seeded by `seed`: the matching `datasets:` entry reads a JSONL of those rows written to <dataset_prepared_path or ~/.cache/reinforge/prepared>/nemo_gym_samples/.")
 
 
 class NemoGymKeys(_Strict):
@@ -56,7 +58,9 @@ class NemoGymKeys(_Strict):
     nemo_gym_verify_timeout: float = Field(default=30.0, gt=0.0, description="Seconds one /verify request may take; a timeout or a non-200 answer masks that sample and is counted in nemo_gym/verify_errors.")
     nemo_gym_run_timeout: float = Field(default=300.0, gt=0.0, description="Seconds one agent /run episode (multi-turn) may take; a failed episode is a masked sample, counted in nemo_gym/run_errors.")
     nemo_gym_multi_turn: bool = Field(default=False, description="Rollouts come from an agent server's /run (the agent calls the policy through the vLLM server, runs the tools, verifies); needs trl.use_vllm and the reward reward_env.")
-    nemo_gym_model_name: str | None = Field(default=None, description="Model name reported in the Responses objects sent to /verify. Default: base_model.")
+    nemo_gym_model_name: str | None = Field(default=None, description="Model name reported in the Responses objects sent to /verify; in multi-turn also the model the agent's model proxy asks the vLLM server for (`reinforge vllm-serve` serves the policy under it). Default: base_model.")
+    nemo_gym_auto_clone: bool | None = Field(default=None, description="Axolotl's: clone NeMo Gym into nemo_gym_dir when it is missing (default on). reinforge never clones (no network access is assumed; `make gym` installs NeMo Gym from PyPI): a missing nemo_gym_dir stops the run with how to install it, whatever this says.")
+    nemo_gym_max_turns: int | None = Field(default=None, ge=1, description="Multi-turn: most model calls per episode (Axolotl's meaning; Axolotl declares it, default 10, and leaves it to the agent). Servers reinforge starts get it as every agent's `max_steps`; with servers started by hand it is checked against the agents' `max_steps`. Default: the agent config's own `max_steps`.")
     nemo_gym_max_concurrency: int = Field(default=32, ge=1, description="reinforge's own: /verify or /run requests in flight at once per process.")
     nemo_gym_datasets: list[NemoGymDataset] | None = Field(default=None, description="The NeMo Gym JSONL files trained on, each with the resource server of its rows (see `nemo_gym_datasets[]`). Required with nemo_gym_enabled.")
 
@@ -105,10 +109,9 @@ class NemoGymKeys(_Strict):
             raise ValueError("nemo_gym_multi_turn: the agent samples from the policy through a vLLM server; set "
                              "trl.use_vllm: true (and start `reinforge vllm-serve` with the tool-call parser, see "
                              "docs/nemo_gym.md)")
-        if self.nemo_gym_multi_turn and getattr(self, "lora_sync", False):
-            raise ValueError("nemo_gym_multi_turn with vllm_lora_sync: the agent's model proxy asks the vLLM server for "
-                             "its served model name, so it would sample from the base weights, not the synced adapter; "
-                             "set trl.vllm_lora_sync: false (the merged weights are synced into the served model)")
+        if self.nemo_gym_max_turns is not None and not self.nemo_gym_multi_turn:
+            raise ValueError("nemo_gym_max_turns bounds the model calls of a multi-turn episode; it needs "
+                             "nemo_gym_multi_turn: true")
         if trl is not None and trl.streaming_partial_batch:
             raise ValueError("trl.streaming_partial_batch does not apply with nemo_gym_enabled (rewards come from "
                              "NeMo Gym once a rollout's completions are verified); remove it")
@@ -119,12 +122,24 @@ class NemoGymKeys(_Strict):
         """nemo_gym_dir, user-expanded and absolute."""
         return Path(os.path.expanduser(self.nemo_gym_dir)).resolve()
 
+    @property
+    def nemo_gym_policy_name(self) -> str:
+        """The model name NeMo Gym's model proxy asks the vLLM server for (multi-turn): nemo_gym_model_name, else
+        base_model. With LoRA sync the adapter is served under it; otherwise the base model is."""
+        return self.nemo_gym_model_name or str(getattr(self, "base_model", ""))
+
+    @property
+    def nemo_gym_base_served_name(self) -> str:
+        """Multi-turn with LoRA sync: the name the base model is served under (the policy's name + `-base`; vLLM
+        refuses an adapter named like a served base model)."""
+        return f"{self.nemo_gym_policy_name}-base"
+
 
 def rewrite_raw(data: Any) -> Any:
     """The raw config with Axolotl's legacy `datasets[].message_field_role` / `message_field_content` moved into
-    `message_property_mappings`, and `nemo_gym_datasets[].max_samples` turned into a `train[:N]` split of the
-    `datasets:` entry that reads the same file. The loader applies it before checking for unknown keys.
-    Raises ValueError on contradictory settings."""
+    `message_property_mappings`, and the `datasets:` entry that reads the file of a `nemo_gym_datasets[]` entry with
+    `max_samples` pointed at a seeded random sample of its rows (`sample_rows`). The loader applies it before
+    checking for unknown keys. Raises ValueError on contradictory settings or an unreadable file."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
@@ -133,9 +148,7 @@ def rewrite_raw(data: Any) -> Any:
             data[key] = [_legacy_message_fields(d) if isinstance(d, dict) else d for d in data[key]]
     if data.get("nemo_gym_enabled") and isinstance(data.get("nemo_gym_datasets"), list) \
             and isinstance(data.get("datasets"), list):
-        gym_dir = data.get("nemo_gym_dir") or "~/Gym"
-        data["datasets"] = [_limit_rows(d, gym_dir, data["nemo_gym_datasets"]) if isinstance(d, dict) else d
-                            for d in data["datasets"]]
+        data["datasets"] = [_limit_rows(d, data) if isinstance(d, dict) else d for d in data["datasets"]]
     return data
 
 
@@ -163,16 +176,43 @@ def _same_file(a: str, b: Path) -> bool:
         return False
 
 
-def _limit_rows(ds: dict[str, Any], gym_dir: str, gym_datasets: list[Any]) -> dict[str, Any]:
-    for g in gym_datasets:
+def sample_rows(source: Path, n: int, seed: int, directory: Path) -> Path:
+    """A JSONL file of `n` rows of the JSONL file `source` drawn at random without replacement (as Axolotl's
+    `random.sample` of the file's lines, but seeded: `random.Random(seed)`), in the file's order; all rows when it
+    has at most `n`. Written once to `directory`, named by the source's contents, `n` and `seed`, so a run (and a
+    resumed one) reads the same rows. Raises ValueError when `source` cannot be read."""
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"nemo_gym_datasets[].max_samples: cannot read {source}: {exc}") from None
+    lines = [l for l in data.decode().splitlines() if l.strip()]
+    keep = sorted(random.Random(seed).sample(range(len(lines)), n)) if len(lines) > n else range(len(lines))
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    path = directory / f"{source.stem}.{len(keep)}-of-{len(lines)}.seed{seed}.{digest}.jsonl"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(lines[i] + "\n" for i in keep))
+        tmp.replace(path)
+    return path
+
+
+def _limit_rows(ds: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    gym_dir = data.get("nemo_gym_dir") or "~/Gym"
+    for g in data["nemo_gym_datasets"]:
         if not isinstance(g, dict) or not g.get("max_samples") or not isinstance(ds.get("path"), str):
             continue
-        if _same_file(ds["path"], Path(os.path.expanduser(gym_dir)) / str(g.get("path", ""))):
-            split, limit = ds.get("split") or "train", int(g["max_samples"])
-            if split.endswith(f"[:{limit}]"):  # already applied (the loader, then the model validator)
-                return ds
-            if "[" in split:
-                raise ValueError(f"datasets[] {ds['path']}: split {split!r} and nemo_gym_datasets[].max_samples "
-                                 f"({g['max_samples']}) both limit the rows; set one")
-            return {**ds, "split": f"{split}[:{limit}]"}
+        source = Path(os.path.expanduser(gym_dir)) / str(g.get("path", ""))
+        if _same_file(ds["path"], source):
+            if (ds.get("split") or "train") != "train":
+                raise ValueError(f"datasets[] {ds['path']}: split {ds['split']!r} and nemo_gym_datasets[].max_samples "
+                                 f"({g['max_samples']}) both choose rows; set one")
+            from reinforge.config.schema import ReinforgeConfig
+            from reinforge.data.cache import default_dir
+
+            seed = data.get("seed", ReinforgeConfig.model_fields["seed"].default)
+            cache = Path(os.path.expanduser(str(data["dataset_prepared_path"]))) if data.get("dataset_prepared_path") \
+                else default_dir()
+            sample = sample_rows(source.resolve(), int(g["max_samples"]), int(seed), cache / "nemo_gym_samples")
+            return {**ds, "path": str(sample)}
     return ds

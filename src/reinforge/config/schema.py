@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reinforge.algorithms.aggregation import LOSS_TYPES
 from reinforge.algorithms.registry import METHODS, method
@@ -25,7 +25,11 @@ class StrictModel(BaseModel):
 class DatasetConfig(StrictModel):
     """One entry of `datasets:` / `test_datasets:` (Axolotl's keys)."""
 
-    path: str = Field(description="Local file or directory (json, jsonl, parquet, csv, arrow) or a Hugging Face dataset name.")
+    path: str | None = Field(
+        default=None,
+        description="Local file or directory (json, jsonl, parquet, csv, arrow) or a Hugging Face dataset name. "
+        "May be left out when `data_files` names local files (Axolotl's `ds_type` + `data_files`).",
+    )
     type: str | dict[str, Any] | None = Field(
         default=None,
         description="Format of the rows, e.g. `chat_template.default`, `chatml.intel`, a dict (user_defined) "
@@ -36,7 +40,12 @@ class DatasetConfig(StrictModel):
     ds_type: Literal["json", "jsonl", "parquet", "csv", "arrow"] | None = Field(
         default=None, description="File type for local data; inferred from the extension when omitted."
     )
-    data_files: str | list[str] | None = Field(default=None, description="File(s) to load from `path` (a directory or a Hub dataset).")
+    data_files: str | list[str] | None = Field(
+        default=None,
+        description="File(s) to load from `path` (a directory or a Hub dataset). Without `path`: local files (relative "
+        "to the working directory), loaded as `datasets.load_dataset(ds_type, data_files=...)` (the builder from "
+        "`ds_type`, else from the first file's extension).",
+    )
     # chat_template.* options
     field_messages: str | None = Field(default=None, description="Column holding the prompt conversation (list of messages).")
     field_chosen: str | None = Field(default=None, description="Column holding the chosen response (message, list of messages or string).")
@@ -54,6 +63,31 @@ class DatasetConfig(StrictModel):
     chat_template: str | None = Field(default=None, description="Per-dataset chat template override (as the top-level `chat_template`).")
     remove_columns: str | list[str] | None = Field(default=None, description="Columns to drop after a `module.fn` transform; `__all__` drops all original columns.")
 
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        return check_chat_template_name(value)
+
+    @model_validator(mode="after")
+    def _path_or_files(self) -> "DatasetConfig":
+        if self.path is None and not self.data_files:
+            raise ValueError("a dataset needs `path` (a file, directory or Hub name) or `data_files` (local files, "
+                             "with `ds_type` or a known extension)")
+        return self
+
+
+def check_chat_template_name(value: str | None) -> str | None:
+    """`value` when it is a `chat_template:` name (`reinforge.models.chat_templates.valid_names`) or None.
+
+    Raises:
+        ValueError: an unknown name, listing the valid ones.
+    """
+    from reinforge.models.chat_templates import valid_names
+
+    if value is not None and value not in valid_names():
+        raise ValueError(f"unknown chat_template {value!r}; valid: {', '.join(valid_names())}")
+    return value
+
 
 from reinforge.config.async_grpo import AsyncGRPOKeys  # noqa: E402
 from reinforge.config.ebft import EBFTConfig  # noqa: E402
@@ -66,7 +100,7 @@ class TRLConfig(AsyncGRPOKeys, VLLMTrainerKeys, StrictModel):
     beta: float | None = Field(default=None, ge=0.0, description="KL coefficient for GRPO (0: no reference model); for DPO-family an alias of `rl_beta`.")
     num_generations: int = Field(default=8, ge=2, description="Completions sampled per prompt (GRPO group size).")
     generation_batch_size: int | None = Field(default=None, ge=1, description="Completions generated per rollout batch; must be divisible by num_generations.")
-    max_completion_length: int = Field(default=256, ge=1, description="Maximum new tokens per completion.")
+    max_completion_length: int = Field(default=256, ge=1, description="Maximum new tokens per completion (a key without a value, null, means the default, as in Axolotl).")
     max_prompt_length: int | None = Field(default=None, ge=1, description="Prompts longer than this (tokens) are truncated from the left.")
     temperature: float = Field(default=1.0, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
@@ -99,6 +133,29 @@ class TRLConfig(AsyncGRPOKeys, VLLMTrainerKeys, StrictModel):
     reward_num_workers: int = Field(default=1, ge=1, description="Processes scoring rewards (>1: a subprocess pool).")
     reward_timeout: float | None = Field(default=None, gt=0.0, description="Per-call timeout (s) for reward functions in the worker pool.")
 
+    @field_validator("max_completion_length", mode="before")
+    @classmethod
+    def _null_completion_length(cls, value: Any) -> Any:
+        return 256 if value is None else value  # Axolotl's docs write `max_completion_length:` for "the default"
+
+
+class GradientCheckpointingKwargs(StrictModel):
+    """`gradient_checkpointing_kwargs:` — keyword arguments of `torch.utils.checkpoint.checkpoint` (Axolotl's key)."""
+
+    use_reentrant: bool = Field(
+        default=False,
+        description="Reentrant (autograd.Function) checkpointing instead of the non-reentrant one; Axolotl's docs ask "
+        "for true with DeepSpeed ZeRO-3 and flex attention. With a LoRA adapter the embeddings' output is made to "
+        "require grad (as for non-reentrant), so that the checkpointed layers get a gradient.",
+    )
+    preserve_rng_state: bool | None = Field(default=None, description="Restore the RNG state when recomputing (dropout is the same); torch's default true.")
+    determinism_check: Literal["default", "none"] | None = Field(default=None, description="Non-reentrant only: compare recomputed tensors' metadata (`default`) or not (`none`); torch's default `default`.")
+    debug: bool | None = Field(default=None, description="Non-reentrant only: trace recomputed operators for error messages; torch's default false.")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The set arguments as a dict for `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
 
 from reinforge.config.nemo_gym import NemoGymKeys  # noqa: E402
 from reinforge.config.performance import PerformanceKeys  # noqa: E402
@@ -117,8 +174,8 @@ class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, Str
         description="`tokenizer_default` (the tokenizer's own), `chatml`, `llama3`, ... or `jinja` with `chat_template_jinja`.",
     )
     chat_template_jinja: str | None = Field(default=None, description="A Jinja chat template, used with `chat_template: jinja`.")
-    ref_model: str | None = Field(default=None, description="Path/id of a different reference model.")
-    rl_adapter_ref_model: bool = Field(default=False, description="With an adapter: load a separate frozen reference copy instead of disabling the adapter.")
+    ref_model: str | None = Field(default=None, description="Path/id of a different reference model (the policy's vocabulary), loaded separately and frozen; used instead of the default reference, with or without an adapter.")
+    rl_adapter_ref_model: bool = Field(default=False, description="With an adapter and no ref_model: load base_model again as a separate frozen reference instead of disabling the adapter (the same numbers, the weights twice in memory).")
     precompute_ref_log_probs: bool = Field(
         default=False,
         description="Compute reference log-probs once before training (cached on disk, keyed by data and model) "
@@ -181,6 +238,35 @@ class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, Str
     bf16: bool | Literal["auto"] = Field(default=False, description="Train in bfloat16 mixed precision (auto: when supported).")
     fp16: bool = Field(default=False, description="Train in float16 mixed precision (GPU only).")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing_kwargs: GradientCheckpointingKwargs | None = Field(
+        default=None,
+        description="Arguments of `torch.utils.checkpoint` passed to transformers' `gradient_checkpointing_enable` "
+        "(see `gradient_checkpointing_kwargs.*`); only with gradient_checkpointing: true. Default use_reentrant: false.",
+    )
+    flash_attention: bool = Field(
+        default=False,
+        description="Load the model with FlashAttention-2 (transformers `attn_implementation: flash_attention_2`). "
+        "Needs a CUDA GPU and the flash-attn package: `validate` and `train` refuse it without a GPU. Default: sdpa.",
+    )
+    flex_attention: bool = Field(
+        default=False,
+        description="Load the model with PyTorch FlexAttention (transformers `attn_implementation: flex_attention`; "
+        "Axolotl's strided EBFT uses it for the block mask, which reinforge builds as a 4-D mask for sdpa instead, so "
+        "strided mode does not need it). Needs a CUDA GPU (FlexAttention has no backward on CPU): `validate` and "
+        "`train` refuse it without one. Not with flash_attention.",
+    )
+    context_parallel_size: int = Field(
+        default=1, ge=1,
+        description="GPUs one sequence is split over (Axolotl's sequence/context parallelism, ring attention). "
+        "Only 1 (no splitting) is accepted: reinforge has no context parallelism.",
+    )
+    remove_unused_columns: bool | None = Field(
+        default=None,
+        description="Axolotl/TRL's switch to keep dataset columns the model's forward does not take (ORPO and KTO need "
+        "false there). Accepted, and the same for either value: reinforge's dataset formats always keep exactly the "
+        "columns the method needs (prompt/chosen/rejected, prompt/completion/label, and for GRPO/GDPO the columns "
+        "the reward functions read) and drop the rest.",
+    )
 
     # --- output, logging, evaluation ---
     output_dir: str = Field(default="./outputs", description="Where checkpoints, metrics and the final model go.")
@@ -190,6 +276,11 @@ class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, Str
     save_steps: int | None = Field(default=None, ge=1, description="Write a checkpoint every N steps.")
     seed: int = Field(default=42, ge=0, description="Random seed (data order, initialisation, sampling).")
     use_tensorboard: bool = Field(default=True, description="Also write metrics to TensorBoard under output_dir/runs.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        return check_chat_template_name(value)
 
     @model_validator(mode="after")
     def _check(self) -> "ReinforgeConfig":
@@ -203,6 +294,14 @@ class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, Str
             raise ValueError("chat_template: jinja needs chat_template_jinja")
         if self.chat_template_jinja and self.chat_template not in (None, "jinja"):
             raise ValueError("chat_template_jinja is used only with chat_template: jinja")
+        if self.gradient_checkpointing_kwargs is not None and not self.gradient_checkpointing:
+            raise ValueError("gradient_checkpointing_kwargs is used only with gradient_checkpointing: true; set it or "
+                             "remove the kwargs")
+        if self.flash_attention and self.flex_attention:
+            raise ValueError("set either flash_attention or flex_attention, not both")
+        if self.context_parallel_size > 1:
+            raise ValueError(f"context_parallel_size: {self.context_parallel_size} needs sequence parallelism over "
+                             f"several GPUs (ring attention), which reinforge does not implement; use 1")
         spec = method(self.rl)
         if not spec.implemented:
             raise ValueError(f"rl: {self.rl} is not implemented yet ({spec.note}); it is refused rather than run as "

@@ -72,6 +72,9 @@ class UnpairedCollator:
     each after another prompt; one forward pass scores both. With B = 1 the "mismatched" pair is the
     example itself (the config requires micro_batch_size >= 2; a last partial batch of one row can still
     occur, as in TRL). `labels` [B] bool (True = desirable); `n_examples` = B.
+    A row that carries `kl_completion_ids` (set by `with_global_batch`) uses those instead of its neighbour's
+    completion: with several processes the rotation runs over the global micro-batch, so N processes pair the
+    same (prompt, completion) as one process with the whole batch (TRL rotates within each device's batch).
 
     Args:
         pad_id: padding token id.
@@ -95,7 +98,8 @@ class UnpairedCollator:
         B = len(rows)
         seqs = [(r["prompt_ids"] + r["completion_ids"], len(r["prompt_ids"])) for r in rows]
         for i, r in enumerate(rows):
-            ids = r["prompt_ids"] + rows[(i - 1) % B]["completion_ids"]
+            kl_completion = r["kl_completion_ids"] if "kl_completion_ids" in r else rows[(i - 1) % B]["completion_ids"]
+            ids = r["prompt_ids"] + kl_completion
             if self.max_length is not None:
                 ids = ids[: self.max_length]
             seqs.append((ids, min(len(r["prompt_ids"]), len(ids))))
@@ -103,6 +107,23 @@ class UnpairedCollator:
         batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
         batch["n_examples"] = B
         return batch
+
+    @staticmethod
+    def with_global_batch(rows: list[dict[str, Any]], global_rows: list[dict[str, Any]],
+                          offset: int) -> list[dict[str, Any]]:
+        """This process's `rows` (copies), each with `kl_completion_ids`: the completion of the previous row of
+        the global micro-batch `global_rows` (rotated by one over all processes' rows), where `rows` are
+        `global_rows[offset:offset + len(rows)]`. With one process (offset 0, rows = global_rows) this is the
+        in-batch rotation of `__call__`.
+
+        Raises: ValueError when `rows` is not that slice of `global_rows`.
+        """
+        part = global_rows[offset:offset + len(rows)]
+        if len(part) != len(rows) or any(a is not b for a, b in zip(part, rows)):
+            raise ValueError(f"rows are not global_rows[{offset}:{offset + len(rows)}]")
+        G = len(global_rows)
+        return [{**r, "kl_completion_ids": global_rows[(offset + i - 1) % G]["completion_ids"]}
+                for i, r in enumerate(rows)]
 
 
 def _add_ref(batch: dict[str, Any], rows: list[dict[str, Any]], keys: tuple[str, ...]) -> None:

@@ -204,6 +204,13 @@ class PackedCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return relayout(self.inner(rows), self.pad_id, self.capacity, self.share_prefix)
 
+    def with_global_batch(self, rows: list[dict[str, Any]], global_rows: list[dict[str, Any]],
+                          offset: int) -> list[dict[str, Any]]:
+        """The inner collator's `with_global_batch` (rows that depend on the whole global micro-batch), or `rows`
+        unchanged when it has none."""
+        hook = getattr(self.inner, "with_global_batch", None)
+        return hook(rows, global_rows, offset) if hook is not None else rows
+
 
 def relayout(padded: dict[str, Any], pad_id: int, capacity: int | None, share_prefix: bool) -> dict[str, Any]:
     """A one-row-per-sequence batch (`collate.pad_sequences` format, plus any non-row keys) → the same S

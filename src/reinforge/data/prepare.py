@@ -21,6 +21,7 @@ from reinforge.config.schema import DatasetConfig, ReinforgeConfig
 from reinforge.data import cache
 from reinforge.data.errors import DataError, RowError
 from reinforge.data.formats import Format, check_record, detect, get_format, resolve
+from reinforge.data.formats.transform import TransformError
 from reinforge.data.sources import fingerprint, load_source, source_name
 from reinforge.algorithms.registry import METHODS
 from reinforge.data.tokenize import RecordError, TokenizeStats, tokenize_records
@@ -66,6 +67,19 @@ def resolve_format(ds: DatasetConfig, kind: str, first_row: dict[str, Any], cfg:
             raise DataError(name, 0, None, str(exc)) from None
         log.info("%s: no `type:` given; detected format `%s`", name, fmt.name)
         return fmt
+    return resolve_type(ds, kind, cfg, dataset_idx, tokenizer)
+
+
+def resolve_type(ds: DatasetConfig, kind: str, cfg: ReinforgeConfig | None = None, dataset_idx: int = 0,
+                 tokenizer=None) -> Format:
+    """The format named by a dataset entry's `type:` (registered name, dict or `module.fn`), checked against
+    the entry's options; needs no data (`reinforge validate` calls it too). A `module.fn` factory is called.
+
+    Raises:
+        DataError: unknown `type:` (with the closest names and an example of the closest format), a bad
+            `type:` mapping, or a `module.fn` that is missing or whose factory fails.
+    """
+    name = source_name(ds)
     try:
         fmt = resolve(ds, kind, cfg, dataset_idx, tokenizer)
         check = getattr(fmt.fn, "check_config", None)
@@ -127,6 +141,11 @@ def format_rows(ds: DatasetConfig, kind: str, cfg: ReinforgeConfig | None = None
                     stats.note(f"{name}: {note}")
                 records.append(check_record(rec, kind))
                 index.append(i)
+        except TransformError as exc:  # the user's code raised: one line (the traceback with --debug)
+            err = DataError(name, i, None if exc.field == "transform" else exc.field, exc.what,
+                            columns=sorted(map(str, row)) if isinstance(row, dict) else None)
+            err.detail = exc.detail
+            raise err from None
         except RowError as exc:
             raise DataError(name, i, exc.field, exc.problem, fmt.name, fmt.example or None,
                             columns=sorted(map(str, row)) if isinstance(row, dict) else None) from None

@@ -1,9 +1,11 @@
 """Load a `datasets[]` entry as a `datasets.Dataset`: local files, directories or Hub names.
 
 Local sources: a file (json, jsonl, parquet, csv, arrow; the type comes from `ds_type` or the
-extension), a directory of such files (all of them, or `data_files` inside it), or a directory
-written by `Dataset.save_to_disk`. A local file has a single split; `split: train[:500]`,
-`split: test[10:20]` or `split: train[:10%]` keep their slice and apply it to that split.
+extension), a directory of such files (all of them, or `data_files` inside it), a directory
+written by `Dataset.save_to_disk`, or, without `path`, the local `data_files` themselves (Axolotl's
+`ds_type: json` + `data_files: [...]`, read like `datasets.load_dataset(ds_type, data_files=...)`).
+A local file has a single split; `split: train[:500]`, `split: test[10:20]` or `split: train[:10%]`
+keep their slice and apply it to that split.
 Anything else is a Hugging Face dataset name: `datasets.load_dataset(path, name, split=...,
 data_files=...)`, which works offline for cached datasets.
 """
@@ -25,7 +27,10 @@ _TYPE_TO_BUILDER = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv"
 
 def source_name(ds: DatasetConfig) -> str:
     """How messages name a dataset entry: its path, plus `name` and a non-default split."""
-    out = ds.path
+    if ds.path is not None:
+        out = ds.path
+    else:
+        out = ", ".join([ds.data_files] if isinstance(ds.data_files, str) else list(ds.data_files or []))
     if ds.name:
         out += f" ({ds.name})"
     if ds.split != "train":
@@ -39,6 +44,14 @@ def local_files(ds: DatasetConfig) -> list[Path] | None:
     Raises:
         DataError: a directory with no data files, or `data_files` that do not exist.
     """
+    if ds.path is None:  # data_files alone: local files, relative to the working directory
+        names = [ds.data_files] if isinstance(ds.data_files, str) else list(ds.data_files or [])
+        files = [Path(f).expanduser() for f in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(source_name(ds), None, "data_files",
+                            f"not found: {', '.join(missing)} (working directory: {Path.cwd()})")
+        return files
     path = Path(ds.path).expanduser()
     if not path.exists():
         return None
@@ -95,12 +108,12 @@ def load_source(ds: DatasetConfig) -> datasets.Dataset:
         DataError: the source cannot be found or read, or the split is empty.
     """
     name = source_name(ds)
-    path = Path(ds.path).expanduser()
+    path = Path(ds.path).expanduser() if ds.path is not None else None
     try:
         files = local_files(ds)
         if files is not None:
             split = _local_split(ds.split)
-            if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            if path is not None and path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
                 data = datasets.load_from_disk(str(path))
                 if isinstance(data, datasets.DatasetDict):
                     base = re.match(r"^[A-Za-z0-9_\-]+", ds.split.strip())

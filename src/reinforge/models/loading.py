@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from reinforge.config.schema import ReinforgeConfig
+from reinforge.config.schema import GradientCheckpointingKwargs, ReinforgeConfig
 from reinforge.models.chat_templates import resolve_chat_template
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,20 @@ def load_causal_lm(path: str, cfg: ReinforgeConfig):
     """`AutoModelForCausalLM` from a directory, Hub id (offline when cached) or `.gguf` file."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=_dtype(cfg))
+    kwargs = {"attn_implementation": attn_implementation(cfg)} if attn_implementation(cfg) else {}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=_dtype(cfg), **kwargs)
     model.config.use_cache = False
     return model
+
+
+def attn_implementation(cfg: ReinforgeConfig) -> str | None:
+    """transformers' `attn_implementation` from Axolotl's `flash_attention` / `flex_attention` keys (None: the
+    model's default, sdpa). `training.setup.make_accelerator` refuses both without CUDA."""
+    if cfg.flash_attention:
+        return "flash_attention_2"
+    if cfg.flex_attention:
+        return "flex_attention"
+    return None
 
 
 def lora_config(cfg: ReinforgeConfig):
@@ -116,10 +127,13 @@ def load_policy(cfg: ReinforgeConfig):
         ValueError: `adapter: qlora` without CUDA (bitsandbytes 4-bit needs a GPU).
     """
     if cfg.adapter == "qlora" and not torch.cuda.is_available():
-        raise ValueError("adapter: qlora needs a CUDA GPU (bitsandbytes 4-bit); use adapter: lora on this machine")
+        from reinforge.training.setup import QLORA_ON_CPU
+
+        raise ValueError(QLORA_ON_CPU)
     model = load_causal_lm(cfg.base_model, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ckpt = (cfg.gradient_checkpointing_kwargs or GradientCheckpointingKwargs()).as_kwargs()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
     if cfg.adapter:
         from peft import get_peft_model
 
@@ -133,16 +147,19 @@ class Reference:
     """The frozen reference policy π_ref: a context manager that yields the module to run.
 
     Either the policy with its adapter disabled (no extra memory) or a separate frozen model
-    (`model`: a `LogpsModel` around it).
+    (`model`: a `LogpsModel` around it; `source`: the path or id it was loaded from).
     Always run under `torch.no_grad()` in eval mode (no dropout).
     """
 
-    def __init__(self, model=None, policy=None):
-        self.model, self.policy = model, policy
+    def __init__(self, model=None, policy=None, source: str | None = None):
+        self.model, self.policy, self.source = model, policy, source
 
     @property
     def kind(self) -> str:
-        return "adapter-disabled policy" if self.model is None else "frozen copy"
+        """What the reference is, for logs: "adapter-disabled policy" or "frozen model <source>"."""
+        if self.model is None:
+            return "adapter-disabled policy"
+        return f"frozen model {self.source}" if self.source else "frozen model"
 
     @contextmanager
     def active(self, policy_module) -> Iterator[torch.nn.Module]:
@@ -162,12 +179,29 @@ class Reference:
 
 
 def load_reference(cfg: ReinforgeConfig, policy) -> Reference:
-    """The reference for a method that needs one: adapter-disabled policy (LoRA default) or a frozen copy."""
+    """The reference for a method that needs one (as Axolotl and TRL choose it):
+
+    - `ref_model` set: that model, loaded separately and frozen (with or without an adapter);
+    - an adapter without `ref_model`: the policy with its adapter disabled, unless `rl_adapter_ref_model: true`,
+      which loads `base_model` again as a separate frozen model (the same weights, in memory twice);
+    - full fine-tuning: a frozen copy of `base_model`.
+
+    Raises:
+        RunError: the reference's vocabulary size differs from the policy's (log-probs of the same token ids
+            would compare different tokens).
+    """
     if cfg.adapter and not cfg.rl_adapter_ref_model and not cfg.ref_model:
         return Reference(policy=policy)
     from reinforge.models.forward import LogpsModel
 
-    model = load_causal_lm(cfg.ref_model or cfg.base_model, cfg)
+    source = cfg.ref_model or cfg.base_model
+    model = load_causal_lm(source, cfg)
+    ref_vocab, policy_vocab = model.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
+    if ref_vocab != policy_vocab:
+        from reinforge.training.setup import RunError
+
+        raise RunError(f"ref_model {source} has a vocabulary of {ref_vocab} tokens but the policy ({cfg.base_model}) "
+                       f"has {policy_vocab}: the reference must use the policy's tokenizer")
     model.eval()
     model.requires_grad_(False)
-    return Reference(model=LogpsModel(model))
+    return Reference(model=LogpsModel(model), source=source)

@@ -16,11 +16,13 @@ A failed episode (timeout after nemo_gym_run_timeout, non-200, an answer without
 `mask_sample`) is a masked sample: NaN reward, loss mask 0 (a failed /run has no tokens: one EOS token stands in).
 An episode whose later prompt does not extend the sequence so far (the server re-rendered earlier turns
 differently) cannot be one sequence: it is masked too and counted in `nemo_gym/non_contiguous_episodes`.
-Episodes are not seeded (the Responses API has no seed): a resumed run samples new ones.
+With a rollout seed every episode's model calls are seeded (`seeded`), so a resumed run asks for the same
+episodes; vLLM reproduces them only with the same weights, batch composition and build (see rollout.vllm).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ from reinforge.nemo_gym.responses import OWN_COLUMNS
 from reinforge.nemo_gym.servers import NemoGymError
 from reinforge.nemo_gym.source import Answer, NemoGymSession, answer_metrics, post_json
 from reinforge.rollout.types import Completions, SamplingParams
+from reinforge.rollout.vllm import completion_seed
 
 NAN = float("nan")
 
@@ -88,6 +91,21 @@ def episode(answer: dict[str, Any]) -> Episode | None:
     return Episode(prompt, seq[len(prompt):], mask, lps, bool(response.get("incomplete_details")), len(calls))
 
 
+def seeded(body: dict[str, Any], seed: int | None, index: int) -> dict[str, Any]:
+    """The /run body of episode `index` of a rollout sampled with `seed`: its model calls carry the vLLM sampling
+    seed `completion_seed(seed, index)`, passed the way NeMo Gym's vllm_model proxy forwards extra request fields
+    (`responses_create_params.metadata.extra_body`, a JSON text merged into each chat-completions request; the
+    row's own extra_body keys are kept). Without a seed the body is returned as it is."""
+    if seed is None:
+        return body
+    params = dict(body["responses_create_params"])
+    metadata = dict(params.get("metadata") or {})
+    extra = json.loads(metadata.get("extra_body") or "{}")
+    metadata["extra_body"] = json.dumps({**extra, "seed": completion_seed(seed, index)})
+    params["metadata"] = metadata
+    return {**body, "responses_create_params": params}
+
+
 class MultiTurnSource:
     """The producer's rollout source for multi-turn NeMo Gym: G agent episodes per row (module docstring).
     Called like a rollout function; returns Completions with per-episode prompt ids."""
@@ -123,7 +141,7 @@ class MultiTurnSource:
         t0 = time.perf_counter()
 
         def one(i: int) -> Answer:
-            return post_json(self._http, urls[i // G], bodies[i // G], self.session.run_timeout)
+            return post_json(self._http, urls[i // G], seeded(bodies[i // G], seed, i), self.session.run_timeout)
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.session.max_concurrency, len(rows) * G))) as pool:
             answers = list(pool.map(one, range(len(rows) * G)))

@@ -63,6 +63,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_gym_dir(gym_dir: Path, auto_clone: bool | None) -> None:
+    """Raise NemoGymError when NeMo Gym's directory is missing; Axolotl would clone it there
+    (`nemo_gym_auto_clone`, default on): reinforge refuses to, saying how to install it."""
+    if gym_dir.is_dir():
+        return
+    why = ("nemo_gym_auto_clone asks to clone NeMo Gym there, which reinforge does not do (no network access "
+           "is assumed; nothing is fetched at run time)" if auto_clone is not False else "nemo_gym_auto_clone is off")
+    raise NemoGymError(f"nemo_gym_dir {gym_dir} does not exist and {why}: install NeMo Gym from PyPI with `make gym` "
+                       f"and set nemo_gym_dir to .venv-gym/lib/python3.13/site-packages (or to a clone you made)")
+
+
 def find_bin_dir(gym_dir: Path, venv: str | None) -> Path | None:
     """The bin/ directory that has `ng_run`: `venv`/bin, else gym_dir/.venv/bin, else .venv-gym/bin in the working
     directory or the reinforge checkout; None: rely on PATH."""
@@ -76,10 +87,10 @@ def find_bin_dir(gym_dir: Path, venv: str | None) -> Path | None:
     return None
 
 
-def expected_servers(config_paths: list[str], gym_dir: Path) -> list[str]:
-    """Top-level names of the servers the config files declare directly (a file that only includes others via
-    `config_paths` declares none itself). Unreadable files are ng_run's to report."""
-    names = []
+def _declared(config_paths: list[str], gym_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(top-level name, its mapping) of every server the config files declare directly. Unreadable files are
+    ng_run's to report."""
+    out = []
     for p in config_paths:
         path = Path(os.path.expanduser(p))
         path = path if path.is_absolute() else gym_dir / path
@@ -89,8 +100,24 @@ def expected_servers(config_paths: list[str], gym_dir: Path) -> list[str]:
             continue
         for key, value in data.items() if isinstance(data, dict) else []:
             if isinstance(value, dict) and any(k in value for k in SERVER_KINDS):
-                names.append(key)
-    return names
+                out.append((key, value))
+    return out
+
+
+def expected_servers(config_paths: list[str], gym_dir: Path) -> list[str]:
+    """Top-level names of the servers the config files declare directly (a file that only includes others via
+    `config_paths` declares none itself)."""
+    return [name for name, _ in _declared(config_paths, gym_dir)]
+
+
+def max_steps_overrides(config_paths: list[str], gym_dir: Path, max_turns: int | None) -> list[str]:
+    """ng_run arguments setting `max_steps` (most model calls of an episode) of every agent the configs declare to
+    `max_turns` (none when it is None). ng_run's command-line values win over the config files'."""
+    if max_turns is None:
+        return []
+    return [f"++{name}.responses_api_agents.{impl}.max_steps={max_turns}"
+            for name, value in _declared(config_paths, gym_dir)
+            for impl in (value.get("responses_api_agents") or {})]
 
 
 class NemoGymServers:
@@ -108,6 +135,8 @@ class NemoGymServers:
         log_path: file for ng_run's output (default: a file in the working directory).
         wait_for_head: wait (up to `timeout`) for a head server that another process starts, instead of starting
             one or failing at once.
+        max_turns: every agent's `max_steps` when ng_run is started here; with servers already running, each
+            agent's configured `max_steps` must equal it.
     Raises (on entry):
         NemoGymError: no head server and no auto-start; ng_run missing, exited, or not ready in time (with the end
             of its log); a server on a non-loopback address while `host` is loopback.
@@ -115,8 +144,9 @@ class NemoGymServers:
 
     def __init__(self, gym_dir: Path, config_paths: list[str] | None, *, host: str = "127.0.0.1", head_port: int = 11000,
                  timeout: float = 360.0, auto_start: bool = True, venv: str | None = None,
-                 log_path: Path | None = None, wait_for_head: bool = False):
+                 log_path: Path | None = None, wait_for_head: bool = False, max_turns: int | None = None):
         self.gym_dir, self.config_paths = Path(gym_dir), list(config_paths or [])
+        self.max_turns = max_turns
         self.host, self.head_port, self.timeout, self.auto_start = host, head_port, timeout, auto_start
         self.venv, self.log_path, self.wait_for_head = venv, log_path, wait_for_head
         self.head_url = f"http://{host}:{head_port}"
@@ -151,6 +181,8 @@ class NemoGymServers:
             self._launch()
             expected = expected_servers(self.config_paths, self.gym_dir)
         self.instances = self._wait_ready(expected)
+        if self.max_turns is not None and self.proc is None:
+            self._check_max_steps()
         for inst in self.instances:
             host = urlparse(inst.url).hostname or ""
             if not is_loopback(host) and is_loopback(self.host):
@@ -170,7 +202,8 @@ class NemoGymServers:
         ng_run = str(bin_dir / "ng_run") if bin_dir is not None else "ng_run"
         paths = ",".join(self.config_paths)
         cmd = [ng_run, f"+config_paths=[{paths}]", "+skip_venv_if_present=true",
-               f"+head_server={{host: {self.host}, port: {self.head_port}}}", f"+default_host={self.host}"]
+               f"+head_server={{host: {self.host}, port: {self.head_port}}}", f"+default_host={self.host}",
+               *max_steps_overrides(self.config_paths, self.gym_dir, self.max_turns)]
         self.log_path = self.log_path or Path.cwd() / "nemo_gym.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting NeMo Gym in %s: %s (log: %s)", self.gym_dir, " ".join(cmd), self.log_path)
@@ -259,6 +292,40 @@ class NemoGymServers:
             return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
         except OSError:
             return ""
+
+    def global_config(self) -> dict[str, Any]:
+        """The head server's merged NeMo Gym config (`GET /global_config_dict_yaml`: the YAML text as a JSON string).
+        Raises NemoGymError when it cannot be read."""
+        try:
+            r = self._http.get(f"{self.head_url}/global_config_dict_yaml", timeout=10.0)
+            r.raise_for_status()
+            data = yaml.safe_load(r.json())
+        except (httpx.HTTPError, ValueError, yaml.YAMLError) as exc:
+            raise NemoGymError(f"cannot read NeMo Gym's config from {self.head_url}/global_config_dict_yaml: "
+                               f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(data, dict):
+            raise NemoGymError(f"{self.head_url}/global_config_dict_yaml is not a mapping")
+        return data
+
+    def declared(self, kind: str) -> dict[str, dict[str, Any]]:
+        """name → the server's own settings, for every server of `kind` in the head server's config."""
+        out = {}
+        for name, value in self.global_config().items():
+            impls = value.get(kind) if isinstance(value, dict) else None
+            if isinstance(impls, dict):
+                for settings in impls.values():
+                    if isinstance(settings, dict):
+                        out[name] = settings
+        return out
+
+    def _check_max_steps(self) -> None:
+        wrong = {n: s.get("max_steps") for n, s in self.declared("responses_api_agents").items()
+                 if s.get("max_steps") != self.max_turns}
+        if wrong:
+            raise NemoGymError(f"nemo_gym_max_turns is {self.max_turns}, but the running NeMo Gym agents have max_steps "
+                               + ", ".join(f"{n}: {v}" for n, v in wrong.items()) + " (servers reinforge did not "
+                               f"start are not reconfigured): start them with `++<agent>.responses_api_agents.<impl>."
+                               f"max_steps={self.max_turns}`, or drop nemo_gym_max_turns")
 
     # --- look-ups --------------------------------------------------------------------------------------------
     def of_kind(self, kind: str) -> dict[str, ServerInstance]:

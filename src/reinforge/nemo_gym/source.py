@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
 from reinforge.nemo_gym.responses import chat_tools, verify_body
-from reinforge.nemo_gym.servers import NemoGymError, NemoGymServers
+from reinforge.nemo_gym.servers import NemoGymError, NemoGymServers, is_loopback
 from reinforge.rollout.types import Completions, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,25 @@ class NemoGymSession:
         self.verify_timeout, self.run_timeout = cfg.nemo_gym_verify_timeout, cfg.nemo_gym_run_timeout
         self.max_concurrency = cfg.nemo_gym_max_concurrency
         self.multi_turn = cfg.nemo_gym_multi_turn
+
+    def check_model_proxies(self, name: str, vllm_url: str) -> None:
+        """Multi-turn: some NeMo Gym model server must forward to the vLLM server at `vllm_url` and ask for the model
+        `name` (what reinforge serves the policy under), else the agent samples from another model or gets 404s.
+        Raises NemoGymError naming what the model servers forward to and ask for."""
+        want = urlparse(vllm_url)
+        proxies = self.servers.declared("responses_api_models")
+        seen = []
+        for proxy, settings in proxies.items():
+            base = urlparse(str(settings.get("base_url") or ""))
+            same = base.port == want.port and (base.hostname == want.hostname
+                                               or (is_loopback(base.hostname or "") and is_loopback(want.hostname or "")))
+            seen.append(f"{proxy}: {settings.get('base_url')} model {settings.get('model')!r}")
+            if same and settings.get("model") == name:
+                return
+        raise NemoGymError(f"no NeMo Gym model server forwards to the vLLM server {vllm_url} asking for the model "
+                           f"{name!r} (the policy's served name: nemo_gym_model_name, default base_model); the model "
+                           f"servers are: {'; '.join(seen) or 'none'}. Set the proxy's `base_url: {vllm_url}/v1` and "
+                           f"`model: {name}` in the NeMo Gym config")
 
 
 class SingleTurnSource:

@@ -38,12 +38,13 @@ def init_worker(entries: list[tuple], sys_path: list[str], ready: Any) -> None:
 
 def run_chunk(func_index: int, prompts: list, completions: list, completion_ids: list, columns: dict[str, list],
               offset: int, total: int) -> tuple[str, Any]:
-    """Score one chunk with one function. Returns ("ok", floats) or ("error", message)."""
+    """Score one chunk with one function. Returns ("ok", floats) or ("error", message) or ("error", (message,
+    the exception's repr or None)) when the function raised or returned a wrong value."""
     if _INIT_ERROR is not None:
         return "error", f"reward worker failed to load the reward functions: {_INIT_ERROR}"
     name, fn = _FUNCS[func_index]
     try:
         return "ok", call_reward(fn, name, prompts, completions, completion_ids, columns, offset, total)
     except RewardFunctionError as err:
-        return "error", str(err)
+        return "error", (str(err), err.exception)
 

@@ -10,13 +10,19 @@ import numbers
 import traceback
 from typing import Any, Callable
 
+from reinforge.user_code import UserCodeError, describe_exception
+
 TRUNCATE_CHARS = 300
 
 
-class RewardFunctionError(RuntimeError):
+class RewardFunctionError(UserCodeError):
     """A reward function raised, returned a wrong value, or timed out. The message names the
     function and, when one is to blame, the sample (prompt and completion, truncated) and the
-    traceback."""
+    traceback; `what` is one line (`reward function m.fn raised ValueError('boom')`), `name` the
+    function's configured name when the caller knows it, `exception` the exception's repr when it raised."""
+
+    def __init__(self, message: str, *, name: str | None = None, exception: BaseException | str | None = None):
+        super().__init__("reward function", name or "?", exception, message=message, detail=message)
 
 
 def _short(value: Any, limit: int = TRUNCATE_CHARS) -> str:
@@ -76,21 +82,21 @@ def call_reward(fn: Callable[..., Any], name: str, prompts: list, completions: l
     total = n if total is None else total
     try:
         output = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-    except Exception:  # noqa: BLE001 - reported with full context below
-        batch_tb = traceback.format_exc()
+    except Exception as err:  # noqa: BLE001 - reported with full context below
+        batch_tb, batch_err = traceback.format_exc(), describe_exception(err)
     else:
         return check_output(name, output, n, offset)
     for i in range(n):
         try:
             fn(prompts=[prompts[i]], completions=[completions[i]], completion_ids=[completion_ids[i]],
                **{k: [v[i]] for k, v in columns.items()})
-        except Exception:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001
             raise RewardFunctionError(
                 f"reward function {name!r} raised on completion {offset + i} of {total}:\n"
-                f"{_describe_sample(prompts[i], completions[i])}\n{traceback.format_exc()}"
+                f"{_describe_sample(prompts[i], completions[i])}\n{traceback.format_exc()}", name=name, exception=err
             ) from None
     raise RewardFunctionError(
         f"reward function {name!r} raised on a batch of {n} completions (indices {offset}..{offset + n - 1} of "
         f"{total}), but on none of them alone; first sample of the batch:\n"
-        f"{_describe_sample(prompts[0], completions[0]) if n else '  (empty batch)'}\n{batch_tb}"
-    )
+        f"{_describe_sample(prompts[0], completions[0]) if n else '  (empty batch)'}\n{batch_tb}",
+        name=name, exception=batch_err)

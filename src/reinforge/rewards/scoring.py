@@ -184,16 +184,17 @@ class RewardPool:
                     self._kill()
                     raise RewardFunctionError(
                         f"reward function {func.name!r} timed out after {timeout} s on completions {start}..{stop - 1} "
-                        f"of {n} (reward_timeout); the reward worker pool was stopped"
+                        f"of {n} (reward_timeout); the reward worker pool was stopped", name=func.spec or func.name
                     ) from None
                 except BrokenProcessPool as err:
                     self._kill()
                     raise RewardFunctionError(
                         f"a reward worker process died while running reward function {func.name!r} on completions "
-                        f"{start}..{stop - 1} of {n}: {err}"
+                        f"{start}..{stop - 1} of {n}: {err}", name=func.spec or func.name
                     ) from None
                 if status != "ok":
-                    raise RewardFunctionError(payload)
+                    message, exception = payload if isinstance(payload, tuple) else (payload, None)
+                    raise RewardFunctionError(message, name=func.spec or func.name, exception=exception)
                 values.extend(payload)
             out.append(values)
         return out
@@ -240,7 +241,13 @@ def score(funcs: Sequence[RewardFunc | Callable[..., Any]], prompts: list, compl
         with RewardPool(rfuncs, num_workers) as tmp:
             per_func = tmp.score_lists(prompts, completions, completion_ids, columns, timeout)
     else:
-        per_func = [call_reward(f.fn, f.name, prompts, completions, completion_ids, columns) for f in rfuncs]
+        per_func = []
+        for f in rfuncs:
+            try:
+                per_func.append(call_reward(f.fn, f.name, prompts, completions, completion_ids, columns))
+            except RewardFunctionError as err:
+                err.name = f.spec or f.name  # the configured `module.fn`, for the one-line message
+                raise
     if n == 0:
         return torch.zeros(0, len(rfuncs), dtype=dtype or torch.float32)
     result = torch.tensor(per_func, dtype=dtype or torch.float32).T.contiguous()

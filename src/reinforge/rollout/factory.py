@@ -87,13 +87,15 @@ def build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_mai
 def _start_nemo_gym(cfg: ReinforgeConfig, out_dir: Path, is_main: bool, resources: ExitStack):
     """NeMo Gym's servers (started by the main process when nemo_gym_auto_start, else reused) as a session whose
     servers stop when `resources` closes. Raises NemoGymError (a RunError)."""
-    from reinforge.nemo_gym.servers import NemoGymServers
+    from reinforge.nemo_gym.servers import NemoGymServers, check_gym_dir
     from reinforge.nemo_gym.source import NemoGymSession
 
+    check_gym_dir(cfg.nemo_gym_path, cfg.nemo_gym_auto_clone)
     servers = NemoGymServers(cfg.nemo_gym_path, cfg.nemo_gym_config_paths, host=cfg.nemo_gym_host,
                              head_port=cfg.nemo_gym_head_port, timeout=cfg.nemo_gym_server_timeout,
                              auto_start=cfg.nemo_gym_auto_start and is_main, venv=cfg.nemo_gym_venv,
-                             log_path=out_dir / "nemo_gym.log", wait_for_head=not is_main)
+                             log_path=out_dir / "nemo_gym.log", wait_for_head=not is_main,
+                             max_turns=cfg.nemo_gym_max_turns)
     resources.enter_context(servers)
     return NemoGymSession(cfg, servers)
 
@@ -112,11 +114,15 @@ def _build_backend(cfg: ReinforgeConfig, policy, tokenizer, out_dir: Path, is_ma
     resources.callback(client.close)
     model_id = client.wait_until_ready()
     log.info("vLLM server at %s serves %s", client.base_url, model_id)
+    # NeMo Gym multi-turn: the agent's model proxy asks for one name, so every adapter version is served under it
+    lora_name = cfg.nemo_gym_policy_name if cfg.nemo_gym_enabled and cfg.nemo_gym_multi_turn else None
+    if resources.nemo_gym is not None and cfg.nemo_gym_multi_turn:
+        resources.nemo_gym.check_model_proxies(cfg.nemo_gym_policy_name, client.base_url)
     if not is_main:
-        return VLLMServerBackend(client), _FollowerSync(client, cfg.lora_sync), resources
+        return VLLMServerBackend(client), _FollowerSync(client, cfg.lora_sync, lora_name), resources
     directory = Path(t.vllm_sync_dir) if t.vllm_sync_dir else _temporary_sync_dir(out_dir, resources)
     if cfg.lora_sync:
-        sync = LoraFileSync(client, directory)
+        sync = LoraFileSync(client, directory, name=lora_name)
     else:
         sync = FullWeightSync(client, directory, dtype=SERVER_DTYPES.get(cfg.vllm.dtype))
     return VLLMServerBackend(client), sync, resources
@@ -132,11 +138,11 @@ class _FollowerSync:
 
     needed = True
 
-    def __init__(self, client, lora: bool):
-        self.client, self.lora = client, lora
+    def __init__(self, client, lora: bool, lora_name: str | None = None):
+        self.client, self.lora, self.lora_name = client, lora, lora_name
 
     def push(self, model: Any, version: int) -> None:
-        self.client.model = f"reinforge-v{version}" if self.lora else self.client.base_model
+        self.client.model = (self.lora_name or f"reinforge-v{version}") if self.lora else self.client.base_model
 
 
 def _temporary_sync_dir(out_dir: Path, resources: ExitStack) -> Path:

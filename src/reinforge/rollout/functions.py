@@ -18,10 +18,16 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from reinforge.rollout.types import Completions, SamplingParams
+from reinforge.user_code import UserCodeError
 
 FORMS = ("reinforge: fn(prompts, prompt_ids, generator, tokenizer, params) -> reinforge.rollout.Completions",
          "TRL 1.16: fn(prompts, trainer) -> dict(prompt_ids=, completion_ids=, logprobs=[, env_mask=, ...extra])",
          "Axolotl: fn(model, processing_class, prompts, generation_config=None) -> list of completion strings")
+
+
+class RolloutFunctionError(UserCodeError):
+    """The user's rollout function raised (`what`: `rollout function m.fn raised ValueError('boom')`; `detail`:
+    the traceback). A generation-server failure inside it stays a VLLMError."""
 
 
 @dataclass
@@ -70,7 +76,7 @@ class RolloutFunction:
         prompts = [r["prompt"] for r in rows]
         source = f"rollout_func {self.name}"
         if self.form == "reinforge":
-            out = self.fn(prompts=prompts, prompt_ids=prompt_ids, generator=backend, tokenizer=tokenizer, params=params)
+            out = self._call(prompts=prompts, prompt_ids=prompt_ids, generator=backend, tokenizer=tokenizer, params=params)
             if not isinstance(out, Completions):
                 raise TypeError(f"{source} (reinforge form) must return reinforge.rollout.Completions, got "
                                 f"{type(out).__name__}")
@@ -80,7 +86,7 @@ class RolloutFunction:
                                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                    min_p=params.min_p, repetition_penalty=params.repetition_penalty,
                                    generation_kwargs=dict(params.extra))
-            out = self.fn([p for p in prompts for _ in range(G)], TrainerView(tokenizer, model, args, backend))
+            out = self._call([p for p in prompts for _ in range(G)], TrainerView(tokenizer, model, args, backend))
             return _from_trl(out, P * G, eos_token_id, source)
         from transformers import GenerationConfig
 
@@ -89,11 +95,22 @@ class RolloutFunction:
                                   max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=eos_token_id)
         dicts = [{**r, "messages": r["prompt"]} if isinstance(r["prompt"], list) else dict(r) for r in rows for _ in range(G)]
-        texts = self.fn(model=model, processing_class=tokenizer, prompts=dicts, generation_config=config)
+        texts = self._call(model=model, processing_class=tokenizer, prompts=dicts, generation_config=config)
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"{source} (Axolotl form) must return a list of completion strings")
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos_token_id] for t in texts]
         return Completions(completion_ids=ids, truncated=[False] * len(ids)).check(P * G, source)
+
+    def _call(self, *args, **kwargs):
+        """The user's function; an exception it raises becomes RolloutFunctionError (a VLLMError stays one)."""
+        from reinforge.rollout.vllm import VLLMError
+
+        try:
+            return self.fn(*args, **kwargs)
+        except VLLMError:
+            raise
+        except Exception as exc:  # the user's code: one line names it, --debug shows the traceback
+            raise RolloutFunctionError("rollout function", self.name, exc) from exc
 
 
 def signature_form(fn: Callable, name: str) -> str:

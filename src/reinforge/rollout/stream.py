@@ -192,20 +192,22 @@ class RolloutStream:
     def _job(self, index: int) -> Callable[[], list[Rollout]]:
         """Choose the prompts of every process's part of rollout `index` now (main thread); the returned job
         produces them (background thread)."""
-        version = self.before_produce(self._drain)
+        version = self.before_produce(self.drain)
         ranks = range(self.plan.world_size)
         row_ids = [self._row_ids(index, r, self.current_version()) for r in ranks]
         return lambda: [self._produce(index, r, version, row_ids[r]) for r in ranks]
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """Wait for the rollouts in flight (async); none start again until the next `next()`."""
         if self.prefetcher is not None:
             self.prefetcher.drain()
+
 
     def _take(self, index: int) -> tuple[Rollout, dict[str, float]]:
         """This process's part of rollout `index` and the producing metrics."""
         metrics: dict[str, float] = {}
         if not self.depth:
-            version = self.before_produce(self._drain)
+            version = self.before_produce(self.drain)
             row_ids = self._row_ids(index, self.plan.rank, self.current_version())
             rollout = self._produce(index, self.plan.rank, version, row_ids)
             parts = [rollout]

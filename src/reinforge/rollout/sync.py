@@ -4,7 +4,11 @@
 - `LoraFileSync`: the peft adapter is saved (safetensors) to `directory/reinforge-v{version}`, loaded by the
   vLLM server at run time under that name (`/v1/load_lora_adapter`), generation switches to it, and the previous
   version is unloaded and its directory removed. Prefix-cache entries are keyed by adapter, so old KV blocks
-  are never reused for a new version; the cache is reset too when the server allows it.
+  are never reused for a new version; the cache is reset too when the server allows it. With a fixed `name`
+  (NeMo Gym multi-turn: the agent's model proxy asks for one model name), every version is loaded under that
+  name instead: the previous one is unloaded, the new one loaded from its own directory (a new path, so no KV
+  block of an older version is reused). The caller drains generation first, so no request sees the gap. Adapters
+  are never loaded in place (vLLM 0.32 would re-read them from disk whenever it schedules them).
 - `FullWeightSync`: the whole state dict (a LoRA policy merged: W + ΔW, computed without touching the training
   module's weights) is written to `directory/v{version}.safetensors` and loaded by every vLLM worker through
   the worker extension `reinforge.serving.vllm_worker` (`/collective_rpc`), then the prefix cache is reset.
@@ -50,30 +54,49 @@ class SharedWeights:
 class LoraFileSync:
     """Adapter files → runtime LoRA loading on a vLLM server (see module docstring).
 
-    Args: client: the server's VLLMClient; directory: where adapter versions are written (created).
+    Args: client: the server's VLLMClient; directory: where adapter versions are written (created); name: the
+    served name every version is loaded under (None: `reinforge-v{version}`, a new name per version).
+    Raises (push): VLLMError from the server (e.g. `name` is the served base model's name).
     """
 
     needed = True
 
-    def __init__(self, client: VLLMClient, directory: str | Path):
-        self.client, self.directory = client, Path(directory)
+    def __init__(self, client: VLLMClient, directory: str | Path, name: str | None = None):
+        self.client, self.directory, self.name = client, Path(directory), name
         self.current: tuple[str, Path] | None = None
 
     def push(self, model: Any, version: int) -> None:
         """Save `model`'s adapter (a peft model) as version `version`, load it on the server, drop the previous."""
-        name = f"reinforge-v{version}"
-        path = self.directory / name
+        name = self.name or f"reinforge-v{version}"
+        path = self.directory / f"reinforge-v{version}"
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
         model.save_pretrained(str(path), safe_serialization=True)
-        self.client.load_lora(name, str(path.resolve()))
         previous, self.current = self.current, (name, path)
+        self._load(name, path)
         self.client.model = name
         if previous is not None and previous[0] != name:
             self.client.unload_lora(previous[0])
+        if previous is not None and previous[1] != path:
             shutil.rmtree(previous[1], ignore_errors=True)
         _reset_cache(self.client)
+
+    def _load(self, name: str, path: Path) -> None:
+        """The adapter at `path` as `name`: whatever has that name (a resumed run, the previous version under a
+        fixed name) is unloaded first, then it is loaded, not in place — vLLM 0.32 re-reads an adapter loaded in
+        place from its directory every time it schedules it (and its engine fails once that directory is gone)."""
+        if name in self.client.lora_names():
+            self.client.unload_lora(name)
+        try:
+            self.client.load_lora(name, str(path.resolve()), inplace=False)
+        except VLLMError as exc:
+            if self.name is None or "conflicts with a served base model" not in str(exc):
+                raise
+            raise VLLMError(f"{exc}\nthe adapter must be served under {name!r} (the name NeMo Gym's model proxy "
+                            f"asks for), so the base model must be served under another name: start the server with "
+                            f"`reinforge vllm-serve CONFIG` (it serves the base as {name + '-base'!r}) or pass "
+                            f"--served-model-name OTHER to vLLM") from None
 
 
 class FullWeightSync:

@@ -99,10 +99,21 @@ class VLLMClient:
             return r.text
 
     # --- weight management -------------------------------------------------------------------------------------
-    def load_lora(self, name: str, path: str) -> None:
-        """Load a peft adapter directory as `name`, replacing an adapter of that name (a resumed run, a second run
-        against the same server). Needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora."""
-        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": True})
+    def load_lora(self, name: str, path: str, inplace: bool = True) -> None:
+        """Load a peft adapter directory as `name`; with `inplace`, replacing an adapter of that name (a resumed run,
+        a second run against the same server), without it an existing name is an error. Needs
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora."""
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": inplace})
+
+    def lora_names(self) -> list[str]:
+        """The adapters the server has loaded (`/v1/models` entries with a parent model)."""
+        try:
+            r = self._http.get("/v1/models", timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise VLLMError(f"GET {self.base_url}/v1/models: {type(exc).__name__}: {exc}") from None
+        if r.status_code != 200:
+            raise VLLMError(f"GET {self.base_url}/v1/models: HTTP {r.status_code}: {r.text[:300]}")
+        return [m["id"] for m in r.json().get("data", []) if m.get("parent")]
 
     def unload_lora(self, name: str) -> None:
         self.post("/v1/unload_lora_adapter", {"lora_name": name})

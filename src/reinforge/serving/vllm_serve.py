@@ -8,6 +8,8 @@ The server is started with:
 - the worker extension `reinforge_vllm_worker.ReinforgeWorkerExtension` (full-weight sync from a safetensors
   file; this package's `vllm_worker.py`, copied onto the server's PYTHONPATH);
 - with `adapter: lora` and LoRA sync: `--enable-lora --max-lora-rank R` (R: the smallest vLLM rank ≥ lora_r);
+- with NeMo Gym multi-turn: the served name the agent's model proxy asks for and the hermes tool-call parser
+  (`nemo_gym_args`);
 - on loopback (the default host, 127.0.0.1), or with `vllm.allow_remote_weight_updates`:
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and VLLM_SERVER_DEV_MODE=1 (runtime LoRA loading, `/collective_rpc`,
   `/reset_prefix_cache`); on another host those weight-update endpoints stay off;
@@ -97,6 +99,7 @@ def server_command(cfg: ReinforgeConfig, python: str, extension_dir: str, cuda: 
         argv += ["--enable-lora", "--max-lora-rank", str(v.max_lora_rank or lora_rank(cfg.lora_r))]
     if v.api_key:
         argv += ["--api-key", v.api_key]
+    argv += nemo_gym_args(cfg)
     argv += list(v.extra_args)
     env = {k: val for k, val in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PYTHONPATH"] = extension_dir
@@ -109,6 +112,22 @@ def server_command(cfg: ReinforgeConfig, python: str, extension_dir: str, cuda: 
         env["VLLM_CPU_OMP_THREADS_BIND"] = v.cpu_threads or f"0-{(os.cpu_count() or 1) - 1}"
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     return argv, env
+
+
+def nemo_gym_args(cfg: ReinforgeConfig) -> list[str]:
+    """Server arguments NeMo Gym multi-turn needs (none otherwise): the name the agent's model proxy asks for
+    (`--served-model-name`: the policy's name, or with LoRA sync `<name>-base`, the adapter taking the policy's
+    name at the first sync) and the tool-call parser of the proxy's chat completions (`--enable-auto-tool-choice
+    --tool-call-parser hermes`, as Axolotl's multi-turn recipe starts vLLM). Flags the config's `vllm.extra_args`
+    already set are left to them."""
+    if not (getattr(cfg, "nemo_gym_enabled", False) and cfg.nemo_gym_multi_turn):
+        return []
+    extra, out = {a.split("=", 1)[0] for a in cfg.vllm.extra_args}, []
+    if "--served-model-name" not in extra:
+        out += ["--served-model-name", cfg.nemo_gym_base_served_name if cfg.lora_sync else cfg.nemo_gym_policy_name]
+    if "--tool-call-parser" not in extra:
+        out += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    return out
 
 
 def serve(cfg: ReinforgeConfig, ready_timeout: float = 600.0) -> int:

@@ -108,7 +108,9 @@ class BatchStream:
     """Endless iterator of (epoch, rows, collated batch) from a `BatchPlan`, starting at micro-batch `start`.
 
     `position` is the number of global micro-batches consumed so far: the data position a checkpoint
-    stores. `last_rows` are the row indices (all processes) of the micro-batches of the current step.
+    stores. The rows yielded are the indices (all processes) of the global micro-batch. A collator with a
+    `with_global_batch(rows, global_rows, offset)` method (KTO's, whose mismatched KL pairs rotate over the
+    global micro-batch) sees this process's rows as that method returns them.
     """
 
     def __init__(self, plan: BatchPlan, data: list[dict[str, Any]], collate: Callable, start: int = 0):
@@ -120,7 +122,12 @@ class BatchStream:
     def __next__(self) -> tuple[int, list[int], dict[str, Any]]:
         k = self.position
         self.position += 1
-        return self.plan.epoch_of(k), self.plan.global_rows(k), self.collate([self.data[i] for i in self.plan.rows(k)])
+        global_rows = self.plan.global_rows(k)
+        rows = [self.data[i] for i in self.plan.rows(k)]
+        if (hook := getattr(self.collate, "with_global_batch", None)) is not None:
+            offset = self.plan.rank * self.plan.per_process if self.plan.world_size > 1 else 0
+            rows = hook(rows, [self.data[i] for i in global_rows], offset)
+        return self.plan.epoch_of(k), global_rows, self.collate(rows)
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:

@@ -128,7 +128,7 @@ class DPOObjective:
     `use_weighting` (WPO) every per-pair loss is multiplied by w_c·w_r; with `ld_alpha` (LD-DPO) the
     policy and reference log-probs are LD-weighted before every loss except `sft`, as in TRL 1.16.
     bco_pair with `bco_running_mean` keeps a `RunningMean` of the rewards, updated only when gradients
-    are enabled (training steps, not evaluation).
+    are enabled (training steps, not evaluation); the δ it gives is logged as `bco_running_mean`.
     """
 
     beta: float
@@ -209,6 +209,8 @@ class DPOObjective:
             pair_weights=pair_weights, sft_chosen=raw[:B])
         metrics = _pair_metrics(self.beta * (pc - rc), self.beta * (pr - rr), pc, pr)
         metrics.update(_token_stat_metrics(policy, B))
+        if "bco_pair" in self._types and self.bco_running_mean:
+            metrics["bco_running_mean"] = raw.new_tensor(delta).detach()  # δ of this micro-batch (all processes)
         if "sft" in parts:
             metrics["nll_loss"] = dpo.chosen_nll(raw[:B].detach(), lengths[:B])
         return loss, metrics
@@ -218,9 +220,11 @@ class DPOObjective:
 class KTOObjective:
     """KTO (arXiv 2402.01306 eq. 7), β = `rl_beta`, λ_D/λ_U = `kto_desirable_weight`/`kto_undesirable_weight`.
 
-    The batch holds B examples then their B mismatched KL sequences (`UnpairedCollator`); z₀ is the
-    clamped mean policy-minus-reference log-ratio of the KL sequences, averaged over processes before
-    the clamp (TRL 1.16), without gradient. loss = mean over the B examples of the weighted losses.
+    The batch holds B examples then their B mismatched KL sequences (`UnpairedCollator`; with several
+    processes the mismatch rotates over the global micro-batch); z₀ is the clamped mean policy-minus-reference
+    log-ratio of the KL sequences, averaged over processes before the clamp (TRL 1.16), without gradient; every
+    process holds the same number of rows, so that average is the mean over the global micro-batch.
+    loss = mean over the B examples of the weighted losses.
     Metrics (TRL 1.16 KTOTrainer): kl, rewards/chosen, logps/chosen (over desirable examples),
     rewards/rejected, logps/rejected (undesirable), rewards/margins (when both are present).
     """

@@ -134,13 +134,14 @@ def train_offline(cfg: ReinforgeConfig) -> dict[str, Any]:
                 losses.append(loss.detach())
                 rows += batch_rows
                 tokens += int(batch["attention_mask"].sum())
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (TRL logs it; stepped below)
             if (grad_norm := run.optimizer_step(step, losses, params, rows)) is not None:
                 step_acc.add({"grad_norm": grad_norm})
                 acc.merge(step_acc)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
                 metrics = acc.means(accelerator)
-                metrics.update(learning_rate=scheduler.get_last_lr()[0], epoch=epoch, tokens_per_second=tokens / elapsed,
+                metrics.update(learning_rate=step_lr, epoch=epoch, tokens_per_second=tokens / elapsed,
                                skipped_nonfinite_steps=run.skipped_nonfinite_steps)
                 writer.log(metrics, step)
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")

@@ -39,8 +39,10 @@ from reinforge.training.distributed import (BatchPlan, any_across, is_deepspeed,
 from reinforge.training.metrics import MetricsAccumulator, MetricsWriter
 from reinforge.training.optim import build_optimizer, build_scheduler
 from reinforge.training.resume import RunControl, describe_rows
+from reinforge.training.online_eval import evaluate_online
 from reinforge.training.online_objective import build_online_objective
 from reinforge.training.setup import RunError, start_run
+from reinforge.user_code import UserCodeError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,9 @@ def generation_batch_size(cfg: ReinforgeConfig) -> int:
         1, launched_world_size())
 
 
-def _prompts_per_process(cfg: ReinforgeConfig, world_size: int) -> int:
-    """Prompts per process per rollout; each process holds whole groups. Raises RunError when it cannot."""
+def prompts_per_process(cfg: ReinforgeConfig, world_size: int) -> int:
+    """Prompts per process per rollout; each process holds whole groups (`reinforge validate` checks it too).
+    Raises RunError when it cannot."""
     gen, G = generation_batch_size(cfg), cfg.trl.num_generations
     if (gen // G) % world_size or (gen // world_size) % cfg.micro_batch_size:
         raise RunError(f"the generation batch ({gen} completions = {gen // G} prompts × {G}) cannot be split into "
@@ -86,7 +89,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
         backend_resources.close()
         raise RunError(str(exc)) from None
     try:
-        plan = BatchPlan(len(data.train), _prompts_per_process(cfg, accelerator.num_processes), accelerator.process_index,
+        plan = BatchPlan(len(data.train), prompts_per_process(cfg, accelerator.num_processes), accelerator.process_index,
                          accelerator.num_processes, cfg.seed, drop_last=True)
     except ValueError as exc:
         raise RunError(f"{len(data.train)} prompts cannot fill one rollout: {exc}") from None
@@ -170,6 +173,18 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     except ValueError as exc:  # async with a producer that cannot run in a background thread
         raise RunError(str(exc)) from None
     skip_zero = t.skip_zero_advantage_batches and beta == 0 and not is_deepspeed(accelerator)
+
+    def evaluate(step: int) -> None:
+        """Eval prompts → `eval_*` metrics at `step` (see `reinforge.training.online_eval`). Synchronous runs: each
+        process its share, reduced; async runs: the main process alone, after the rollouts in flight."""
+        if depth and not accelerator.is_main_process:
+            return
+        version = before_produce(stream.drain)
+        shard = (0, 1, None) if depth else (accelerator.process_index, accelerator.num_processes, accelerator)
+        writer.log(evaluate_online(data.eval, producer, plan.per_process, cfg.seed, version,
+                                   reward_weights=preparer.reward_weights, scale_rewards=preparer.scale_rewards,
+                                   aggregation=preparer.aggregation, scorer=scorer, rank=shard[0],
+                                   world_size=shard[1], accelerator=shard[2]), step)
     params_list = [p for p in module.parameters() if p.requires_grad]
     log.info("%s: %d prompts, %d steps; %d prompts × %d generations per rollout on each of %d processes (%s); loss %s; "
              "beta %g", cfg.rl, len(data.train), total_steps, plan.per_process, t.num_generations,
@@ -179,6 +194,8 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
     acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
     # workers, connections, sync files and the background producer end however the loop ends
     with run, pool or nullcontext(), backend_resources, closing(stream):
+        if data.eval and run.step == 0:
+            evaluate(0)
         for step in bar:
             step_acc, losses, consumed, micros = MetricsAccumulator(), [], stream.consumed, []
             for micro in range(cfg.gradient_accumulation_steps):
@@ -186,6 +203,8 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                     micros.append(next(stream))
                 except VLLMError as exc:
                     _stop_on_server_error(run, step, micro, stream, exc, _loop_state(acc, stream, rollout_metrics))
+                except UserCodeError as exc:  # a reward or rollout function raised
+                    _stop_on_user_code_error(run, step, micro, stream, exc, _loop_state(acc, stream, rollout_metrics))
             # a micro-batch whose advantages are all zero (on every process: equal collectives) has no gradient
             active = any_across([bool(mb.advantages.ne(0).any()) for _, mb in micros], accelerator.device) \
                 if skip_zero else [True] * len(micros)
@@ -203,18 +222,23 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                 step_acc.add(micro_metrics)
             if skip_zero:
                 step_acc.add({"skipped_zero_adv_batches": float(active.count(False))})
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (TRL logs it; stepped below)
             if (grad_norm := run.optimizer_step(step, losses, params_list, stream.current_rows())) is not None:
                 step_acc.add({"grad_norm": grad_norm})
                 acc.merge(step_acc)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 metrics = {**acc.means(accelerator), **rollout_metrics.means(accelerator)}
-                metrics.update(learning_rate=scheduler.get_last_lr()[0], step_time=(time.perf_counter() - t0) / cfg.logging_steps,
+                metrics.update(learning_rate=step_lr, step_time=(time.perf_counter() - t0) / cfg.logging_steps,
                                skipped_nonfinite_steps=run.skipped_nonfinite_steps)
                 writer.log(metrics, step)
                 bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}")
                 acc, rollout_metrics, t0 = MetricsAccumulator(), MetricsAccumulator(), time.perf_counter()
             epoch_done = plan.epoch_of(stream.consumed) > plan.epoch_of(consumed)
+            if data.eval and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
+                evaluate(step)
             run.end_step(step, stream.position, epoch_done, lambda: _loop_state(acc, stream, rollout_metrics))
+        if data.eval:
+            evaluate(total_steps)
     run.save_final()
     accelerator.end_training()
     return run.summary(writer.history, data.stats)
@@ -237,19 +261,39 @@ def _loop_state(acc: MetricsAccumulator, stream: RolloutStream, rollout_metrics:
     return {"metrics": acc.state_dict(), "rollout": stream.state(), "rollout_metrics": rollout_metrics.state_dict()}
 
 
-def _stop_on_server_error(run: RunControl, step: int, micro: int, stream: RolloutStream, exc: Exception,
-                          state: dict[str, Any]) -> None:
-    """The generation server failed while a rollout for `step` was produced. When no micro-batch of this step
-    has run, the stream is still where step - 1 ended: checkpoint it (resumable exactly) and stop with the
-    server's error. Raises RunError."""
-    where = "no checkpoint written (the failure came in the middle of an accumulation step; the latest " \
-            "checkpoint in output_dir resumes)"
+def _checkpoint_before(run: RunControl, step: int, micro: int, stream: RolloutStream, state: dict[str, Any],
+                       fix: str) -> str:
+    """A rollout for `step` failed. When no micro-batch of this step has run, the stream is still where step - 1
+    ended: checkpoint it (resumable exactly). Returns what was written and how to resume (`fix`: what to fix)."""
     if step > 1 and micro == 0:
         path = run.save(step - 1, stream.position, state)
-        where = f"checkpoint of step {step - 1} written to {path}; fix the server and resume with resume_from_checkpoint=true"
-    elif step == 1 and micro == 0:
-        where = "no step had completed, nothing to resume"
+        return f"checkpoint of step {step - 1} written to {path}; fix {fix} and resume with resume_from_checkpoint=true"
+    if step == 1 and micro == 0:
+        return "no step had completed, nothing to resume"
+    return ("no checkpoint written (the failure came in the middle of an accumulation step; the latest "
+            "checkpoint in output_dir resumes)")
+
+
+def _stop_on_server_error(run: RunControl, step: int, micro: int, stream: RolloutStream, exc: Exception,
+                          state: dict[str, Any]) -> None:
+    """The generation server failed while a rollout for `step` was produced: checkpoint (`_checkpoint_before`)
+    and stop with the server's error. Raises RunError."""
+    where = _checkpoint_before(run, step, micro, stream, state, "the server")
     raise RunError(f"generation failed at step {step}: {exc}\n{where}")
+
+
+def _stop_on_user_code_error(run: RunControl, step: int, micro: int, stream: RolloutStream, exc: UserCodeError,
+                             state: dict[str, Any]) -> None:
+    """A reward or rollout function raised while a rollout for `step` was produced: checkpoint
+    (`_checkpoint_before`) and stop with one line naming the function, the step and the exception.
+
+    Raises:
+        RunError: the one-line message; its `detail` holds the sample and traceback (`reinforge train --debug`).
+    """
+    where = _checkpoint_before(run, step, micro, stream, state, exc.name)
+    err = RunError(f"{exc.what} at step {step}; {where}")
+    err.detail = exc.detail
+    raise err from None
 
 
 def _log_completions(rollout: RolloutBatch, out_dir, n_print: int | None) -> None:

@@ -24,11 +24,8 @@ def prepare_output_dir(cfg: ReinforgeConfig, accelerator=None, resuming: bool = 
     """
     out = Path(cfg.output_dir)
     non_empty = not resuming and out.exists() and any(out.iterdir())
-    if non_empty and not cfg.overwrite_output_dir:
-        latest = find_latest_checkpoint(out)
-        hint = f", or resume it with resume_from_checkpoint=true (latest: {latest.name})" if latest else ""
-        raise RunError(f"output_dir {out} is not empty; set overwrite_output_dir: true "
-                       f"(or pass overwrite_output_dir=true) to replace it, or choose another output_dir{hint}")
+    if problem := output_dir_problem(cfg, resuming):
+        raise RunError(problem)
     main = accelerator is None or accelerator.is_main_process
     if accelerator is not None:
         accelerator.wait_for_everyone()  # every process has looked before the main one deletes
@@ -39,6 +36,60 @@ def prepare_output_dir(cfg: ReinforgeConfig, accelerator=None, resuming: bool = 
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return out
+
+
+def output_dir_problem(cfg: ReinforgeConfig, resuming: bool) -> str | None:
+    """Why training may not write into `output_dir` (not empty, no overwrite_output_dir, not resuming), or None."""
+    out = Path(cfg.output_dir)
+    if resuming or cfg.overwrite_output_dir or not out.is_dir() or not any(out.iterdir()):
+        return None
+    latest = find_latest_checkpoint(out)
+    hint = f", or resume it with resume_from_checkpoint=true (latest: {latest.name})" if latest else ""
+    return (f"output_dir {out} is not empty; set overwrite_output_dir: true (or pass overwrite_output_dir=true) "
+            f"to replace it, or choose another output_dir{hint}")
+
+
+def gpu_problems(cfg: ReinforgeConfig) -> list[str]:
+    """Keys that need a CUDA GPU when there is none (fp16, flash/flex attention, FSDP); `make_accelerator` refuses
+    them and `reinforge validate` reports them. One line each, with the fix."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    problems = [FP16_ON_CPU] if cfg.fp16 else []
+    if cfg.flash_attention:
+        problems.append("flash_attention: true needs a CUDA GPU and the flash-attn package; set flash_attention: "
+                        "false on this machine (sdpa)")
+    if cfg.flex_attention:
+        problems.append("flex_attention: true needs a CUDA GPU (PyTorch's FlexAttention has no backward on CPU); set "
+                        "flex_attention: false on this machine (sdpa; strided EBFT does not need it)")
+    if cfg.fsdp_enabled:
+        problems.append("fsdp / fsdp_config need CUDA GPUs (one process per GPU); remove them on this machine, or "
+                        "use --num-processes N for plain data parallelism on CPU")
+    return problems
+
+
+def environment_problems(cfg: ReinforgeConfig) -> list[str]:
+    """What this machine lacks for the config, found without loading anything: `gpu_problems`, `adapter: qlora`
+    without a GPU, a tracker's or DeepSpeed's package not installed. Each entry is one line with the fix."""
+    import torch
+
+    problems = gpu_problems(cfg)
+    if cfg.adapter == "qlora" and not torch.cuda.is_available():
+        problems.append(QLORA_ON_CPU)
+    for on, package, key in ((cfg.use_wandb_value, "wandb", "use_wandb"), (cfg.use_mlflow_value, "mlflow", "use_mlflow"),
+                             (cfg.use_trackio, "trackio", "use_trackio"), (cfg.deepspeed is not None, "deepspeed", "deepspeed")):
+        if on and importlib.util.find_spec(package) is None:
+            problems.append(_missing(package, key))
+    return problems
+
+
+FP16_ON_CPU = "fp16 mixed precision needs a GPU; use bf16: true (or neither) on CPU"
+QLORA_ON_CPU = "adapter: qlora needs a CUDA GPU (bitsandbytes 4-bit); use adapter: lora on this machine"
+
+
+def _missing(package: str, key: str) -> str:
+    return f"{key}: the {package} package is not installed; pip install {package} (or remove {key})"
 
 
 def resolve_resume(cfg: ReinforgeConfig) -> Path | None:
@@ -69,7 +120,7 @@ def resolve_resume(cfg: ReinforgeConfig) -> Path | None:
 
 def _require(package: str, key: str) -> None:
     if importlib.util.find_spec(package) is None:
-        raise RunError(f"{key}: the {package} package is not installed; pip install {package} (or remove {key})")
+        raise RunError(_missing(package, key))
 
 
 def build_trackers(cfg: ReinforgeConfig) -> list:
@@ -107,8 +158,8 @@ def make_accelerator(cfg: ReinforgeConfig):
     import torch
     from accelerate import Accelerator
 
-    if cfg.fp16 and not torch.cuda.is_available():
-        raise RunError("fp16 mixed precision needs a GPU; use bf16: true (or neither) on CPU")
+    if problems := gpu_problems(cfg):  # keys this machine cannot honour: refused, not ignored
+        raise RunError(problems[0])
     if cfg.bf16 == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     else:

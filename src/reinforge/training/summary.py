@@ -8,7 +8,7 @@ from typing import Any
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.data.tokenize import TokenizeStats
 
-KEYS = ("loss", "rewards/accuracies", "rewards/margins", "reward")
+KEYS = ("loss", "rewards/accuracies", "rewards/margins", "reward", "ebft/cfm_loss", "ebft/ce_loss")
 
 
 def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: TokenizeStats, out_dir: Path,
@@ -17,7 +17,9 @@ def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: To
     index.html (`report`, when written); return them."""
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if any(k.startswith("eval_") for k in h)]
-    summary: dict[str, Any] = {"steps": train[-1]["step"] if train else 0, "output_dir": str(out_dir)}
+    # the last step logged (a step whose micro-batches were all skipped, zero advantages, logs no loss)
+    steps = max((h["step"] for h in history if not any(k.startswith("eval_") for k in h)), default=0)
+    summary: dict[str, Any] = {"steps": steps, "output_dir": str(out_dir)}
     lines = [f"reinforge {cfg.rl}: {summary['steps']} steps → {out_dir}"]
     for key in KEYS:
         having = [h for h in train if key in h]

@@ -27,11 +27,23 @@ from typing import Any
 from reinforge.config.schema import DatasetConfig
 from reinforge.data.errors import RowError
 from reinforge.data.formats import Format, Kind
+from reinforge.user_code import UserCodeError
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = "reinforge.data.formats.strategies"
 _IGNORED_MAP_KWARGS = {"desc", "num_proc", "load_from_cache_file", "keep_in_memory"}
+
+
+class TransformError(RowError):
+    """A `module.fn` transform raised on a row: `what` is one line (`dataset transform m.fn raised
+    ValueError('boom')`), `detail` the traceback (shown with --debug); `field` is the missing column of a
+    KeyError, else "transform"."""
+
+    def __init__(self, type_name: str, exc: BaseException, field: str = "transform"):
+        user = UserCodeError("dataset transform", type_name, exc)
+        super().__init__(field, user.what)
+        self.what, self.detail = user.what, user.detail
 
 
 def _from_cwd(module_path: str) -> ModuleType | None:
@@ -125,10 +137,10 @@ def load_transform_format(type_name: str, kind: Kind, cfg: Any, dataset_idx: int
     def fn(row: dict[str, Any], _ds: DatasetConfig) -> dict[str, Any] | list[dict[str, Any]]:
         try:
             out = transform_fn({k: [v] for k, v in row.items()} if batched else dict(row), **extra)
-        except KeyError as exc:
-            raise RowError(str(exc.args[0]) if exc.args else "?", f"missing (KeyError in `{type_name}`)") from None
-        except Exception as exc:  # the user's code: keep its message, add where it happened
-            raise RowError("transform", f"`{type_name}` raised {type(exc).__name__}: {exc}") from None
+        except KeyError as exc:  # most often a column the row does not have: name it as the field
+            raise TransformError(type_name, exc, str(exc.args[0]) if exc.args else "?") from None
+        except Exception as exc:  # the user's code: one line names it and the exception (with the row: DataError)
+            raise TransformError(type_name, exc) from None
         if not isinstance(out, dict):
             raise RowError("transform", f"`{type_name}` must return a dict, got {type(out).__name__}")
         base = {} if drop_all else {k: v for k, v in row.items() if k not in remove}
