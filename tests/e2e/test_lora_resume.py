@@ -8,14 +8,12 @@ test_resume.py: the objective raises in the first micro-batch of step 5, after c
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-import reinforge.training.offline as offline
 from reinforge.cli import main
 
-from test_resume import Crash, dpo_config, metrics
+from test_resume import crash_dpo_in_step_5, dpo_config, metrics
 
 LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "lora_target_linear": True,
         "optimizer": "adamw_torch", "learning_rate": 5e-3}
@@ -29,28 +27,7 @@ def test_lora_dpo_crash_then_resume_matches_uninterrupted(tmp_path, tiny_model_d
     full = metrics(tmp_path / "full")
     assert [m["step"] for m in full] == [1, 2, 3, 4, 5]
 
-    build = offline.build_objective
-    calls = {"n": 0}
-
-    def crashing_objective(cfg):
-        objective = build(cfg)
-
-        def call(policy, ref, batch):
-            calls["n"] += 1
-            if calls["n"] == 9:  # the first micro-batch of step 5
-                raise Crash("simulated crash")
-            return objective(policy, ref, batch)
-
-        call.needs_reference = objective.needs_reference
-        call.state_dict, call.load_state_dict = objective.state_dict, objective.load_state_dict
-        call.token_stats = objective.token_stats  # the policy forward's statistics (entropy, logits/*)
-        return call
-
-    monkeypatch.setattr(offline, "build_objective", crashing_objective)
-    cfg = dpo_config(tmp_path, "resumed", tiny_model_dir, **LORA)
-    with pytest.raises(Crash):
-        main(["train", str(cfg)])
-    monkeypatch.setattr(offline, "build_objective", build)
+    cfg = crash_dpo_in_step_5(tmp_path, tiny_model_dir, monkeypatch, **LORA)
     out = tmp_path / "resumed"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     ckpt = out / "checkpoint-4"

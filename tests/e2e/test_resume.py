@@ -41,6 +41,34 @@ def dpo_config(tmp_path, name, model_dir, **extra):
     return path
 
 
+
+def crash_dpo_in_step_5(tmp_path, model_dir, monkeypatch, **extra):
+    """Run `dpo_config(tmp_path, "resumed", model_dir, **extra)` with an objective that raises Crash in the first
+    micro-batch of step 5 (after step 4 was logged and checkpointed); returns the config's path."""
+    build = offline.build_objective
+    calls = {"n": 0}
+
+    def crashing_objective(cfg):
+        objective = build(cfg)
+
+        def call(policy, ref, batch):
+            calls["n"] += 1
+            if calls["n"] == 9:  # 2 micro-batches per step
+                raise Crash("simulated crash")
+            return objective(policy, ref, batch)
+
+        call.needs_reference = objective.needs_reference
+        call.state_dict, call.load_state_dict = objective.state_dict, objective.load_state_dict  # checkpointed state
+        call.token_stats = objective.token_stats  # the policy forward's statistics (entropy, logits/*)
+        return call
+
+    monkeypatch.setattr(offline, "build_objective", crashing_objective)
+    cfg = dpo_config(tmp_path, "resumed", model_dir, **extra)
+    with pytest.raises(Crash):
+        main(["train", str(cfg)])
+    monkeypatch.setattr(offline, "build_objective", build)
+    return cfg
+
 def assert_same_curves(a, b, keys):
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for ma, mb in zip(a, b):
@@ -65,27 +93,7 @@ def test_dpo_crash_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, m
     assert main(["train", str(dpo_config(tmp_path, "full", tiny_model_dir))]) == 0
     full = metrics(tmp_path / "full")
 
-    build = offline.build_objective
-    calls = {"n": 0}
-
-    def crashing_objective(cfg):
-        objective = build(cfg)
-
-        def call(policy, ref, batch):
-            calls["n"] += 1
-            if calls["n"] == 9:  # the first micro-batch of step 5 (step 4 was logged and checkpointed)
-                raise Crash("simulated crash")
-            return objective(policy, ref, batch)
-
-        call.needs_reference = objective.needs_reference
-        call.state_dict, call.load_state_dict = objective.state_dict, objective.load_state_dict  # checkpointed state
-        return call
-
-    monkeypatch.setattr(offline, "build_objective", crashing_objective)
-    cfg = dpo_config(tmp_path, "resumed", tiny_model_dir)
-    with pytest.raises(Crash):
-        main(["train", str(cfg)])
-    monkeypatch.setattr(offline, "build_objective", build)
+    cfg = crash_dpo_in_step_5(tmp_path, tiny_model_dir, monkeypatch)
     out = tmp_path / "resumed"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
