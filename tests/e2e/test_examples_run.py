@@ -43,7 +43,8 @@ def test_slow_list_is_what_the_slow_tests_run():
     assert RUN_HERE, "every example is run elsewhere"
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.nemo_gym) if n.startswith("nemo-gym") else n
+                                  for n in CONFIGS])  # their data lies in NeMo Gym's install (`make gym`)
 def test_example_validates(name, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`reinforge validate` from the repository root (the examples' paths are relative to it), with the real model
     path replaced by the tiny model (models/ exists only after `make model`) and output_dir by an empty one."""
