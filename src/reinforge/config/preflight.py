@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from reinforge.config.loader import ConfigError
@@ -53,6 +54,9 @@ def preflight(cfg: ReinforgeConfig, command: str = "train", source: str = "<conf
     """Run the checks of `command`; raises PreflightError (a ConfigError) listing every problem (`source`: the
     config file, named first)."""
     config_errors, run_errors = _problems(cfg, command)
+    if command == "validate" and (note := _output_dir_problem(cfg)):
+        # the directory's contents are the state of an earlier run, not a fault of the config: train refuses it
+        print(f"note: train would refuse this output_dir as it is: {note}", file=sys.stderr)
     errors = config_errors + run_errors
     if errors:
         raise PreflightError(f"{source}: {len(errors)} problem(s) found before loading anything:\n"
@@ -84,7 +88,7 @@ def _problems(cfg: ReinforgeConfig, command: str) -> tuple[list[str], list[str]]
         errors += _dataset_errors(cfg)
     if "code" in parts:
         errors += _code_errors(cfg)
-    return errors, _run_errors(cfg) if "run" in parts else []
+    return errors, _run_errors(cfg, command) if "run" in parts else []
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -294,22 +298,37 @@ def _code_errors(cfg: ReinforgeConfig) -> list[str]:
 
 # ---- the run -----------------------------------------------------------------------------------
 
-def _run_errors(cfg: ReinforgeConfig) -> list[str]:
-    from reinforge.algorithms.registry import method
+def _output_dir_problem(cfg: ReinforgeConfig) -> str | None:
+    """Why `train` would refuse `output_dir` as it is (not empty, nothing to resume), or None. With several
+    processes the main one may already be writing it; `prepare_output_dir` checks it then."""
     from reinforge.training.distributed import launched_world_size
-    from reinforge.training.setup import RunError, environment_problems, output_dir_problem, resolve_resume
+    from reinforge.training.setup import RunError, output_dir_problem, resolve_resume
 
-    errors = []
-    resuming = False
+    if launched_world_size() > 1:
+        return None
     try:
         resuming = resolve_resume(cfg) is not None
+    except RunError:
+        return None  # reported by _run_errors
+    return output_dir_problem(cfg, resuming)
+
+
+def _run_errors(cfg: ReinforgeConfig, command: str) -> list[str]:
+    """Problems of the run's state on this machine. For `validate`, a non-empty output_dir is a note (see
+    `preflight`), not an error: the config is valid, and resuming or overwriting is the user's choice at train time."""
+    from reinforge.algorithms.registry import method
+    from reinforge.training.distributed import launched_world_size
+    from reinforge.training.setup import RunError, environment_problems, resolve_resume
+
+    errors = []
+    try:
+        resolve_resume(cfg)
     except RunError as exc:
         errors.append(str(exc))
-    world = max(1, launched_world_size())
-    # with several processes the main one may already be writing output_dir; prepare_output_dir checks it then
-    if world == 1 and (problem := output_dir_problem(cfg, resuming)):
+    if command != "validate" and (problem := _output_dir_problem(cfg)):
         errors.append(problem)
     errors += environment_problems(cfg)
+    world = max(1, launched_world_size())
     spec = method(cfg.rl)
     if spec.online and not (spec.rewards == "feature_matching" and cfg.ebft.mode == "strided"):
         from reinforge.training.online import prompts_per_process
