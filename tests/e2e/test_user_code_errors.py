@@ -58,16 +58,20 @@ def last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
+def assert_stopped_in_one_line(tmp_path, run, line: str) -> None:
+    """Exit 1, `line` as stderr's last line, no traceback, and the checkpoint of step 1 written."""
+    assert run.returncode == 1, run.stderr
+    assert last_line(run.stderr) == line
+    assert "Traceback" not in run.stderr
+    assert (tmp_path / "out" / "checkpoint-1" / "trainer_state.json").is_file()
+
+
 def test_raising_reward_function_stops_in_one_line_with_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
     (tmp_path / "my_rewards.py").write_text(RAISES_ON_STEP_2)
     cfg = setup(tmp_path, tiny_model_dir)
-    run = train(tmp_path, cfg)
-    assert run.returncode == 1, run.stderr
-    assert last_line(run.stderr) == (
+    assert_stopped_in_one_line(tmp_path, train(tmp_path, cfg), (
         "error: reward function my_rewards.even_tokens raised ValueError('boom') at step 2; checkpoint of step 1 "
-        "written to out/checkpoint-1; fix my_rewards.even_tokens and resume with resume_from_checkpoint=true")
-    assert "Traceback" not in run.stderr
-    assert (tmp_path / "out" / "checkpoint-1" / "trainer_state.json").is_file()
+        "written to out/checkpoint-1; fix my_rewards.even_tokens and resume with resume_from_checkpoint=true"))
 
     (tmp_path / "my_rewards.py").write_text(FIXED)
     resumed = train(tmp_path, cfg, "resume_from_checkpoint=true")
@@ -93,12 +97,9 @@ def test_raising_rollout_function_stops_in_one_line_with_a_checkpoint(tmp_path, 
     (tmp_path / "my_rewards.py").write_text(FIXED)
     (tmp_path / "my_rollout.py").write_text(ROLLOUT_RAISES_ON_STEP_2)
     run = train(tmp_path, setup(tmp_path, tiny_model_dir, rollout_func="my_rollout.generate"))
-    assert run.returncode == 1, run.stderr
-    assert last_line(run.stderr) == (
+    assert_stopped_in_one_line(tmp_path, run, (
         "error: rollout function my_rollout.generate raised RuntimeError('sampler gave up') at step 2; checkpoint "
-        "of step 1 written to out/checkpoint-1; fix my_rollout.generate and resume with resume_from_checkpoint=true")
-    assert "Traceback" not in run.stderr
-    assert (tmp_path / "out" / "checkpoint-1" / "trainer_state.json").is_file()
+        "of step 1 written to out/checkpoint-1; fix my_rollout.generate and resume with resume_from_checkpoint=true"))
 
 
 def test_raising_transform_names_the_transform_file_and_row(tmp_path, tiny_model_dir):

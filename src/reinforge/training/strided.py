@@ -223,10 +223,10 @@ def train_strided(cfg: ReinforgeConfig) -> dict[str, Any]:
         Every process evaluates all of them; names `eval_<metric>`."""
         ev = MetricsAccumulator()
         was_training = unwrapped.training
+        unwrapped.eval()  # `score` keeps the mode it finds
+        body, head = _lm_parts(lm)
         for j, (doc, ce_mask, first) in enumerate(eval_documents):
             scored = score(doc, first, rollout_seed(cfg.seed, -1, j))
-            unwrapped.eval()
-            body, head = _lm_parts(lm)
             with accelerator.autocast():
                 hidden = body(input_ids=doc.unsqueeze(0).to(accelerator.device)).last_hidden_state[0]
                 ce = document_ce(head(hidden), doc.to(hidden.device), ce_mask.to(hidden.device))
