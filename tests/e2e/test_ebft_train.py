@@ -152,3 +152,55 @@ def test_ebft_structured_evaluates_held_out_prompts(tmp_path, monkeypatch, tiny_
     for key in ("eval_ebft/alignment", "eval_ebft/diversity", "eval_ebft/reward", "eval_reward",
                 "eval_completions/mean_length"):
         assert evals[-1][key] == evals[-1][key], key
+
+
+def test_structured_ce_coef_adds_the_ground_truth_cross_entropy(tmp_path, monkeypatch, tiny_model_dir):
+    """Structured `ce_coef`: each prompt group's prompt + ground truth is one more row of the training batch, and
+    ce_coef × its cross-entropy (token mean over the step's ground truths) joins GRPO's loss, weighted by rl_coef.
+    With rl_coef 0 and ce_coef 1 the first step is plain SFT on the ground truths: its loss and grad_norm equal the
+    token-mean NLL of prompt → ground truth and its gradient, computed here with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"input": "Name a colour.", "output": "Blue is a colour of the sky."},
+            {"input": "Name a fruit, please.", "output": "An apple, red and sweet."}]
+    cfg = setup(tmp_path, monkeypatch, tiny_model_dir, ebft={"ce_coef": 1.0, "rl_coef": 0.0}, max_steps=1,
+                max_grad_norm=1e9)
+    (tmp_path / "code.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["train", str(cfg)]) == 0
+    (m,) = metrics(tmp_path)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    nll, count = 0.0, 0
+    for r in rows:
+        p = tok.apply_chat_template([{"role": "user", "content": r["input"]}], add_generation_prompt=True,
+                                    tokenize=True, return_dict=False)
+        gt = tok(r["output"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + gt])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        nll = nll - logp[len(p) - 1:].gather(1, ids[0, len(p):, None]).sum()
+        count += len(gt)
+    loss = nll / count
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    assert m["loss"] == pytest.approx(loss.item(), rel=1e-4)
+    assert m["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-3)
+    assert m["ebft/rl_loss"] == m["ebft/rl_loss"] and m["ebft/ce_loss"] > 0
+
+
+def test_structured_ce_coef_with_grpo_loss(tmp_path, monkeypatch, tiny_model_dir):
+    """Both terms together, LoRA, micro-batches smaller than a group (the reference row rides with its group's
+    first completion): loss = rl_coef · ebft/rl_loss + ce_coef · ebft/ce_loss (ground truths of equal length)."""
+    rows = [{"input": f"Write the number {i} in words.", "output": f"The number is {i}; that is all."} for i in range(8)]
+    cfg = setup(tmp_path, monkeypatch, tiny_model_dir, ebft={"ce_coef": 0.5, "rl_coef": 2.0}, micro_batch_size=2,
+                gradient_accumulation_steps=4, adapter="lora", lora_r=4, lora_target_linear=True)
+    (tmp_path / "code.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["train", str(cfg)]) == 0
+    m = metrics(tmp_path)
+    assert [x["step"] for x in m] == [1, 2, 3]
+    for x in m:
+        assert x["ebft/ce_loss"] > 0 and x["grad_norm"] > 0
+        # half the micro-batches hold a reference row, each weighing its CE by 2 (its share of the rollout's
+        # ground-truth tokens is half a micro-batch's expected share): the step mean is ce_coef · ce_loss
+        assert x["loss"] == pytest.approx(2.0 * x["ebft/rl_loss"] + 0.5 * x["ebft/ce_loss"], rel=1e-4, abs=1e-6)

@@ -137,6 +137,11 @@ def group_advantages(rewards: torch.Tensor, num_samples: int, estimator: str) ->
     - "group_norm" (alias "grpo"): A_j = (r_j − mean) / (std + 1e-9), unbiased std (GRPO, arXiv 2402.03300 §4.1.2);
     - "reinforce": A_j = r_j (no baseline).
 
+    With eq. 7's rewards, REINFORCE ("reinforce") is an unbiased estimate of ∇ of the CFM loss. The RLOO baseline is
+    not independent of sample j here (the other samples' rewards hold −2/(n−1)·φ(ŷ_j')·φ(ŷ_j)), so in expectation the
+    "rloo" gradient of the loss is ∇cfm − ∇‖E φ(ŷ)‖²/(n−1): a pull towards less diversity, which the paper's
+    diversity term has to outweigh (tests/unit/test_ebft.py checks both by exact enumeration).
+
     Args: rewards [P·n] group-major; num_samples n ≥ 2; estimator. Returns: [P·n].
     Raises: ValueError for an unknown estimator.
     """

@@ -25,7 +25,7 @@ class EBFTConfig(BaseModel):
     alignment_coef: float = Field(default=1.0, ge=0.0, description="Weight of the alignment reward 2·cos(g_j, gt).")
     diversity_coef: float = Field(default=1.0, ge=0.0, description="Weight of the diversity penalty 2/(n-1)·Σ_{j'≠j} g_j·g_j'.")
     ce_coef: float = Field(default=0.0, ge=0.0, description="Weight of the cross-entropy on the ground-truth tokens added to the loss (0: off).")
-    rl_coef: float = Field(default=1.0, ge=0.0, description="Strided mode: weight of the REINFORCE term.")
+    rl_coef: float = Field(default=1.0, ge=0.0, description="Weight of the policy-gradient term (strided: REINFORCE; structured: GRPO's loss).")
     adaptive_max_tokens: bool = Field(default=True, description="Structured mode: cap the completion length of a rollout at max over its prompts of gt_length_multiplier × ground-truth tokens (at least 64, at most max_completion_length).")
     gt_length_multiplier: float = Field(default=1.5, gt=0.0, description="Structured mode: see adaptive_max_tokens.")
     stride: int = Field(default=8, ge=1, description="Strided mode: tokens between anchors.")

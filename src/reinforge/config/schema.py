@@ -363,9 +363,6 @@ class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, Str
                 raise ValueError("ebft.mode: strided generates its blocks in-process (one sequence, a block "
                                  "attention mask); remove trl.use_vllm / trl.async_prefetch")
             return
-        if e.ce_coef:
-            raise ValueError("ebft.ce_coef (cross-entropy on the ground truth) is not built for structured mode yet; "
-                             "remove it (the default is 0)")
 
     @property
     def lora_sync(self) -> bool:

@@ -9,12 +9,14 @@ import shutil
 import sys
 import tempfile
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from reinforge.config.schema import ReinforgeConfig
+from reinforge.rollout.feature_rewards import ground_truth_ids
 from reinforge.rollout.inprocess import InProcessBackend
 from reinforge.rollout.prepare import RolloutPreparer, SamplerCorrectionSpec
 from reinforge.rollout.producer import RolloutProducer
@@ -204,12 +206,13 @@ def _nemo_gym_source(cfg: ReinforgeConfig, session, resources: ExitStack):
 
 def build_preparer(cfg: ReinforgeConfig, tokenizer, n_funcs: int, old_from_training: bool = False) -> RolloutPreparer:
     """The RolloutPreparer of the config (sampler correction on with a vLLM or snapshot sampler unless switched
-    off)."""
+    off; EBFT's ground-truth rows for the cross-entropy when `ebft.ce_coef` > 0)."""
     t = cfg.trl
+    reference_ids = partial(ground_truth_ids, tokenizer) if cfg.ebft.ce_coef else None
     correction = None
     if (t.use_vllm or t.snapshot_sampler) and t.vllm_importance_sampling_correction:
         correction = SamplerCorrectionSpec(t.vllm_importance_sampling_mode, t.importance_sampling_cap,
                                            t.vllm_importance_sampling_clip_min)
     return RolloutPreparer(tokenizer.pad_token_id, t.reward_weights or [1.0] * n_funcs, scale_rewards=t.scale_rewards,
                            aggregation=t.multi_objective_aggregation, mask_truncated=t.mask_truncated_completions,
-                           correction=correction, old_from_training=old_from_training)
+                           correction=correction, old_from_training=old_from_training, reference_ids=reference_ids)

@@ -62,6 +62,14 @@ def hidden_features(body: torch.nn.Module, sequences: list[list[int]], layers: l
     return torch.cat(out), torch.cat(masks)
 
 
+def ground_truth_ids(tokenizer, row: dict[str, Any]) -> list[int]:
+    """The tokens of a row's `ground_truth` (no special tokens). Raises KeyError naming the column when it is
+    missing."""
+    if "ground_truth" not in row:
+        raise KeyError("rl: ebft needs a `ground_truth` column (e.g. type: ebft_opencode.transform)")
+    return tokenizer(str(row["ground_truth"]), add_special_tokens=False)["input_ids"]
+
+
 class FeatureMatchingScorer:
     """Scores a rollout in place with EBFT's feature-matching rewards (one reward column, `feature_matching`).
 
@@ -86,10 +94,8 @@ class FeatureMatchingScorer:
         self._warned = False
 
     def ground_truth_ids(self, row: dict[str, Any]) -> list[int]:
-        """The tokens of a row's `ground_truth`. Raises KeyError naming the column when it is missing."""
-        if "ground_truth" not in row:
-            raise KeyError("rl: ebft needs a `ground_truth` column (e.g. type: ebft_opencode.transform)")
-        return self.tokenizer(str(row["ground_truth"]), add_special_tokens=False)["input_ids"]
+        """The tokens of a row's `ground_truth` (`ground_truth_ids`)."""
+        return ground_truth_ids(self.tokenizer, row)
 
     def __call__(self, rollout: Rollout) -> dict[str, float]:
         """Set `rollout.rewards` ([N, 1]) and `reward_names`; returns the `ebft/*` metrics of the rollout."""

@@ -37,6 +37,11 @@ class RolloutBatch:
     correction: set when the importance weights are left to the training forward (on-policy rollouts, see
         `RolloutPreparer`): the loss computes them from its own detached log-probs as π_old.
     policy_version: optimiser steps of the weights that sampled it.
+    ce_first: reference rows (EBFT structured `ce_coef`): `batch` holds, after the N completion rows, one row of
+        prompt + ground truth per prompt group (its ground-truth tokens scored); `ce_first[k]` is the index of the
+        first completion of reference row k's group. Empty: no reference rows.
+    ce_tokens: scored tokens of all reference rows of the rollout (the cross-entropy's normalisation basis,
+        `ce_norm`: its expected share per micro-batch).
     """
 
     batch: dict[str, torch.Tensor]
@@ -51,26 +56,38 @@ class RolloutBatch:
     sampler_logps: torch.Tensor | None = None
     correction: "SamplerCorrectionSpec | None" = None
     policy_version: int = 0
+    ce_first: list[int] = field(default_factory=list)
+    ce_tokens: float = 0.0
+    ce_norm: float = 0.0
 
     @property
     def size(self) -> int:
         return self.advantages.shape[0]
 
+    @property
+    def has_signal(self) -> bool:
+        """Whether the micro-batch has a gradient at all: some advantage ≠ 0, or reference rows (their CE)."""
+        return bool(self.advantages.ne(0).any()) or bool(self.ce_first)
+
     def micro_batch(self, start: int, size: int) -> "RolloutBatch":
-        """Completions [start, start+size) as a RolloutBatch of their own (rows re-padded)."""
+        """Completions [start, start+size) as a RolloutBatch of their own (rows re-padded), with the reference rows
+        of the prompt groups whose first completion is among them."""
         sl = slice(start, start + size)
+        refs = [k for k, first in enumerate(self.ce_first) if start <= first < start + size]
+        idx = torch.tensor(list(range(self.size))[sl] + [self.size + k for k in refs], dtype=torch.long)
         lengths = self.batch["n_tokens"][sl]
-        keep = self.batch["attention_mask"][sl].sum(1).max()
-        sub = {k: v[sl, :keep] for k, v in self.batch.items() if k != "n_tokens"}
+        keep = self.batch["attention_mask"][idx].sum(1).max()
+        sub = {k: v[idx, :keep] for k, v in self.batch.items() if k != "n_tokens"}
         rows = torch.arange(sub["seq_index"].shape[0]).unsqueeze(1)
         sub["seq_index"] = torch.where(sub["seq_index"] >= 0, rows.expand_as(sub["seq_index"]), -1)
-        sub["n_tokens"] = lengths
+        sub["n_tokens"] = self.batch["n_tokens"][idx]
         T = max(int(lengths.max()), 1)
         cut = lambda t: None if t is None else t[sl, :T] if t.shape[-1] != 1 else t[sl]  # noqa: E731
         return RolloutBatch(sub, self.mask[sl, :T], self.advantages[sl], cut(self.old_logps), cut(self.ref_logps), {},
                             loss_tokens=self.loss_tokens, sampler_weights=cut(self.sampler_weights),
                             sampler_logps=cut(self.sampler_logps), correction=self.correction,
-                            policy_version=self.policy_version)
+                            policy_version=self.policy_version, ce_first=[self.ce_first[k] - start for k in refs],
+                            ce_tokens=self.ce_tokens, ce_norm=self.ce_tokens * len(lengths) / self.size)
 
 
 def per_token(out: dict[str, torch.Tensor], n_tokens: torch.Tensor, key: str = "token_logps") -> torch.Tensor:
@@ -109,15 +126,19 @@ class RolloutPreparer:
             (num_iterations 1, its micro-batches inside one accumulation window): then π_old is the training
             forward's own log-probs, so no old-policy forward runs here and the weights are computed in the loss
             (`RolloutBatch.correction`); the same numbers for one forward less.
+        reference_ids: row → its ground-truth token ids (EBFT structured with `ce_coef` > 0), or None. When set,
+            the training batch gets one reference row per prompt group (`RolloutBatch.ce_first`), scored on the
+            ground truth; the no-grad forwards here run on the completions only.
     """
 
     def __init__(self, pad_token_id: int, reward_weights: list[float], *, scale_rewards, aggregation: str,
                  mask_truncated: bool, correction: SamplerCorrectionSpec | None = None,
-                 old_from_training: bool = False):
+                 old_from_training: bool = False, reference_ids: Callable[[dict[str, Any]], list[int]] | None = None):
         self.pad_token_id = pad_token_id
         self.reward_weights = torch.tensor(reward_weights, dtype=torch.float32)
         self.scale_rewards, self.aggregation = scale_rewards, aggregation
         self.mask_truncated, self.correction, self.old_from_training = mask_truncated, correction, old_from_training
+        self.reference_ids = reference_ids
 
     def corrects(self, rollout: Rollout) -> bool:
         """Whether this rollout gets sampler importance weights."""
@@ -183,6 +204,15 @@ class RolloutPreparer:
                   "advantage": advantages[i].item()}
                  for i, (p, t) in enumerate(zip(rollout.prompts(), rollout.texts))]
         loss_tokens = float(sum_across(mask.sum().double())) / world_size
+        ce_first, ce_tokens = [], 0.0
+        if self.reference_ids is not None:  # + one prompt + ground-truth row per group, after the completions
+            refs = [(rollout.prompt_ids[g * G] + self.reference_ids(row), len(rollout.prompt_ids[g * G]))
+                    for g, row in enumerate(rollout.rows)]
+            seqs = [(p + c, len(p)) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)] + refs
+            batch = pad_sequences(seqs, self.pad_token_id)
+            ce_first = [g * G for g in range(len(refs))]
+            ce_tokens = float(batch["n_tokens"][n:].sum())
         return RolloutBatch(batch, mask, advantages, old, ref, metrics, table, loss_tokens=loss_tokens,
                             sampler_weights=weights, sampler_logps=sampler, correction=deferred,
-                            policy_version=rollout.policy_version)
+                            policy_version=rollout.policy_version, ce_first=ce_first, ce_tokens=ce_tokens,
+                            ce_norm=ce_tokens)
