@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from reinforge.algorithms.registry import method
 from reinforge.config.schema import ReinforgeConfig
 from reinforge.rollout.feature_rewards import ground_truth_ids
 from reinforge.rollout.inprocess import InProcessBackend
@@ -181,7 +182,8 @@ def build_producer(cfg: ReinforgeConfig, policy, tokenizer, backend, funcs, pool
         if funcs else (lambda p, c, ids, cols: torch.zeros(len(c), 0)),
         chat_kwargs=t.chat_template_kwargs, max_prompt_length=t.max_prompt_length,
         rollout_fn=rollout_fn, model=policy, eos_token_id=tokenizer.eos_token_id,
-        stream_groups=t.streaming_min_groups if t.streaming_partial_batch else None, max_new_tokens_fn=max_new_tokens_fn)
+        stream_groups=t.streaming_min_groups if t.streaming_partial_batch else None, max_new_tokens_fn=max_new_tokens_fn,
+        continue_turns=method(cfg.rl).rewards == "feature_matching")
     if t.streaming_partial_batch and not producer.streams:
         log.warning("streaming_partial_batch has no effect here: the %s %s finishes all groups of a rollout together "
                     "(groups stream from a vLLM server)", backend.name,

@@ -10,7 +10,6 @@ hidden states of the decoder body at the chosen layers are concatenated and pool
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -20,7 +19,6 @@ from reinforge.data.collate import pad_sequences
 from reinforge.rollout.types import Rollout
 
 REWARD_NAME = "feature_matching"
-log = logging.getLogger(__name__)
 
 
 def num_hidden_layers(model: torch.nn.Module) -> int:
@@ -81,39 +79,55 @@ class FeatureMatchingScorer:
         embed_method, alignment_coef, diversity_coef, whiten: see `reinforge.config.ebft.EBFTConfig`.
         eos_token_ids: ids stripped from the end of generated completions (the ground truth has none), so both
             sides are pooled over text tokens only.
+        chat_kwargs: extra apply_chat_template arguments (the producer's), for multi-turn rows.
+
+    Rows with `remaining_turns` (multi-turn, `Rollout.conversations`): both sides are whole conversations rendered
+    by the chat template — each completion's generated conversation against the prompt + ground truth + the
+    remaining turns as written — tokenised, and pooled from the end of the prompt (as Axolotl does).
     """
 
     def __init__(self, feature_network: Callable[[], ContextManager[torch.nn.Module]], tokenizer, *,
                  num_hidden_layers: int, feature_layers: list[float], embed_method: str, alignment_coef: float,
-                 diversity_coef: float, whiten: bool, eos_token_ids: list[int]):
+                 diversity_coef: float, whiten: bool, eos_token_ids: list[int],
+                 chat_kwargs: dict[str, Any] | None = None):
         self.feature_network, self.tokenizer = feature_network, tokenizer
+        self.chat_kwargs = chat_kwargs or {}
         self.layers = feature_layer_indices(feature_layers, num_hidden_layers)
         self.embed_method, self.whiten = embed_method, whiten
         self.alignment_coef, self.diversity_coef = alignment_coef, diversity_coef
         self.eos = set(eos_token_ids)
-        self._warned = False
 
     def ground_truth_ids(self, row: dict[str, Any]) -> list[int]:
         """The tokens of a row's `ground_truth` (`ground_truth_ids`)."""
         return ground_truth_ids(self.tokenizer, row)
 
+    def render(self, conversation: list[dict[str, Any]]) -> list[int]:
+        """A whole conversation → token ids (chat template, no generation prompt, no added special tokens)."""
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False,
+                                                  **self.chat_kwargs)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def __call__(self, rollout: Rollout) -> dict[str, float]:
         """Set `rollout.rewards` ([N, 1]) and `reward_names`; returns the `ebft/*` metrics of the rollout."""
         G = rollout.num_generations
-        if not self._warned and any(row.get("remaining_turns") for row in rollout.rows):
-            log.warning("rows carry remaining_turns (ebft_chat_multiturn.transform): reinforge trains the first "
-                        "assistant turn against its ground truth; later turns are not rolled out")
-            self._warned = True
+        convs = rollout.conversations or [None] * rollout.size
         gen, gen_start = [], []
-        for p, c in zip(rollout.prompt_ids, rollout.completion_ids):
-            while c and c[-1] in self.eos:
-                c = c[:-1]
-            gen.append(p + c if c else p)
+        for p, c, conv in zip(rollout.prompt_ids, rollout.completion_ids, convs):
+            if conv is not None:
+                gen.append(self.render(conv))
+            else:
+                while c and c[-1] in self.eos:
+                    c = c[:-1]
+                gen.append(p + c if c else p)
             gen_start.append(len(p))
         gt, gt_start = [], []
         for g, row in enumerate(rollout.rows):
             p = rollout.prompt_ids[g * G]
-            gt.append(p + self.ground_truth_ids(row))
+            if convs[g * G] is not None:
+                gt.append(self.render([*row["prompt"], {"role": "assistant", "content": str(row["ground_truth"])},
+                                       *row["remaining_turns"]]))
+            else:
+                gt.append(p + self.ground_truth_ids(row))
             gt_start.append(len(p))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with self.feature_network() as network:

@@ -162,7 +162,8 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                                        num_hidden_layers=num_hidden_layers(unwrapped), feature_layers=e.feature_layers,
                                        embed_method=e.embed_method, alignment_coef=e.alignment_coef,
                                        diversity_coef=e.diversity_coef, whiten=e.use_whitening,
-                                       eos_token_ids=eos_token_ids(policy, tokenizer))
+                                       eos_token_ids=eos_token_ids(policy, tokenizer),
+                                       chat_kwargs=t.chat_template_kwargs)
     try:
         stream = RolloutStream(plan, data.train, producer, preparer, cfg.micro_batch_size, t.num_iterations, cfg.seed,
                                policy_fn, ref_fn if beta > 0 else None, on_rollout,
