@@ -19,3 +19,13 @@ def test_summary_counts_steps_without_loss_and_shows_ebft_eval(capsys):
     assert s["eval_before_ebft/cfm_loss"] == 0.9 and s["eval_after_ebft/cfm_loss"] == 0.7
     assert "eval  ebft/ce_loss" in out and "before 3.0000  after 2.5000" in out
     assert s["first_loss"] == s["last_loss"] == 0.5
+
+
+def test_summary_means_of_first_and_last_ten_steps(capsys):
+    cfg = ReinforgeConfig(base_model="m", rl="ebft", datasets=[{"path": "d.jsonl"}], ebft={"mode": "strided"})
+    history = [{"step": i, "loss": 0.0, "ebft/cfm_loss": float(i)} for i in range(1, 26)]
+    s = print_summary(cfg, history, TokenizeStats(rows_in=3, rows_out=3), Path("out"))
+    assert s["first10_mean_ebft/cfm_loss"] == 5.5 and s["last10_mean_ebft/cfm_loss"] == 20.5
+    assert "(mean of the first 10 steps 5.5000, of the last 10 20.5000)" in capsys.readouterr().out
+    s = print_summary(cfg, history[:19], TokenizeStats(rows_in=3, rows_out=3), Path("out"))
+    assert "first10_mean_ebft/cfm_loss" not in s

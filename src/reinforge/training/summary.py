@@ -13,7 +13,8 @@ KEYS = ("loss", "rewards/accuracies", "rewards/margins", "reward", "ebft/cfm_los
 
 def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: TokenizeStats, out_dir: Path,
                   report: Path | None = None) -> dict[str, Any]:
-    """Print first/last train metrics, eval before/after, data counts, the output path and the report's
+    """Print first/last train metrics (and the means of the first and last 10 steps, from 20 steps on), eval
+    before/after, data counts, the output path and the report's
     index.html (`report`, when written); return them."""
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if any(k.startswith("eval_") for k in h)]
@@ -25,7 +26,12 @@ def print_summary(cfg: ReinforgeConfig, history: list[dict[str, Any]], stats: To
         having = [h for h in train if key in h]
         if having:
             summary[f"first_{key}"], summary[f"last_{key}"] = having[0][key], having[-1][key]
-            lines.append(f"  train {key:<20} first {having[0][key]:.4f}  last {having[-1][key]:.4f}")
+            line = f"  train {key:<20} first {having[0][key]:.4f}  last {having[-1][key]:.4f}"
+            if len(having) >= 20:  # single steps are noisy (a new prompt or document each): means of 10 too
+                head, tail = (sum(h[key] for h in part) / 10 for part in (having[:10], having[-10:]))
+                summary[f"first10_mean_{key}"], summary[f"last10_mean_{key}"] = head, tail
+                line += f"  (mean of the first 10 steps {head:.4f}, of the last 10 {tail:.4f})"
+            lines.append(line)
         ek = f"eval_{key}"
         if evals and ek in evals[0]:
             summary[f"eval_before_{key}"], summary[f"eval_after_{key}"] = evals[0][ek], evals[-1][ek]
