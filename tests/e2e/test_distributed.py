@@ -163,3 +163,26 @@ def test_strided_ebft_two_processes_equal_one(tmp_path, tiny_model_dir, monkeypa
     m = assert_same(tmp_path / "one", tmp_path / "two", ("loss", "ebft/rl_loss", "ebft/ce_loss", "ebft/cfm_loss",
                                                          "ebft/reward", "grad_norm"))
     assert m[0]["grad_norm"] > 0
+
+
+def test_structured_ebft_with_ce_two_processes_equal_one(tmp_path, tiny_model_dir, monkeypatch):
+    """EBFT structured mode with `ce_coef`: the feature-matching rewards are gathered like GRPO's, and each
+    process's ground-truth rows (their cross-entropy) are averaged by DDP like the policy loss. Completions from
+    the deterministic rollout_func; ground truths of equal length (each process's CE is its own token mean)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dist_rollout.py").write_text(ROLLOUT)
+    rows = [{"input": f"Tell me about number {i}.", "output": f"The number is {i}; that is all."} for i in range(8)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = {"base_model": str(tiny_model_dir), "rl": "ebft",
+           "datasets": [{"path": "rows.jsonl", "type": "ebft_opencode.transform"}],
+           "ebft": {"feature_layers": [0.5, 1.0], "embed_method": "mean_pooling", "ce_coef": 0.5},
+           "trl": {"num_generations": 4, "max_completion_length": 5, "rollout_func": "dist_rollout.fixed"},
+           "micro_batch_size": 8, "max_steps": 2, "learning_rate": 0.05, "lr_scheduler": "constant", "optimizer": "sgd",
+           "use_tensorboard": False}
+    (tmp_path / "ebft.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "ebft.yaml", "output_dir=one"]) == 0
+    run_two([str(BIN / "reinforge"), "train", "--num-processes", "2", "ebft.yaml", "output_dir=two",
+             "micro_batch_size=4"], tmp_path)
+    m = assert_same(tmp_path / "one", tmp_path / "two", ("loss", "reward", "reward_std", "ebft/cfm_loss",
+                                                         "ebft/ce_loss", "ebft/rl_loss", "grad_norm"))
+    assert m[0]["ebft/ce_loss"] > 0 and m[0]["grad_norm"] > 0
