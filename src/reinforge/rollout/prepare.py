@@ -40,8 +40,9 @@ class RolloutBatch:
     ce_first: reference rows (EBFT structured `ce_coef`): `batch` holds, after the N completion rows, one row of
         prompt + ground truth per prompt group (its ground-truth tokens scored); `ce_first[k]` is the index of the
         first completion of reference row k's group. Empty: no reference rows.
-    ce_tokens: scored tokens of all reference rows of the rollout (the cross-entropy's normalisation basis,
-        `ce_norm`: its expected share per micro-batch).
+    ce_tokens: scored tokens of all reference rows of the rollout.
+    ce_norm: the cross-entropy's normalisation: the rollout's reference tokens × this batch's share of its
+        completions (a micro-batch's expected number of ground-truth tokens).
     """
 
     batch: dict[str, torch.Tensor]
