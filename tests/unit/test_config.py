@@ -69,6 +69,11 @@ def test_online_validation_names_the_problem():
         build_config({**base, "trl": {"reward_funcs": ["m.f"], "num_generations": 2, "loss_type": "ppo"}})
     with pytest.raises(ConfigError, match="num_generations"):
         build_config({**base, "trl": {"reward_funcs": ["m.f"], "num_generations": 1}})
+    trl = {"reward_funcs": ["m.f"], "num_generations": 2}
+    with pytest.raises(ConfigError, match="generates with the policy in-process, which needs whole"):
+        build_config({**base, "trl": trl, "fsdp_config": {"fsdp_version": 2}})
+    with pytest.raises(ConfigError, match="syncs the policy's weights to the vLLM server, which needs whole"):
+        build_config({**base, "trl": {**trl, "use_vllm": True}, "fsdp_config": {"fsdp_version": 2}})
 
 
 def test_every_field_has_a_description():

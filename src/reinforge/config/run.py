@@ -200,9 +200,10 @@ class RunKeys(BaseModel):
         fsdp_plugin_kwargs(self.fsdp, self.fsdp_config)  # unknown options are errors now, not at launch
         rl = getattr(self, "rl", None)
         if rl is not None and method(rl).online and (self.fsdp_enabled or _zero_stage(self.deepspeed_dict) == 3):
-            raise ValueError(f"rl: {rl} generates with the policy in-process, which needs whole (not sharded) weights: "
-                             "FSDP and DeepSpeed ZeRO-3 are not supported for online methods yet; use ZeRO-1/2 or "
-                             "plain data parallelism")
+            how = ("syncs the policy's weights to the vLLM server" if getattr(getattr(self, "trl", None), "use_vllm", False)
+                   else "generates with the policy in-process")
+            raise ValueError(f"rl: {rl} {how}, which needs whole (not sharded) weights: FSDP and DeepSpeed ZeRO-3 are "
+                             "not supported for online methods yet; use ZeRO-1/2 or plain data parallelism")
         return self
 
 
