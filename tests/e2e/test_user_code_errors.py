@@ -123,3 +123,47 @@ def test_raising_transform_names_the_transform_file_and_row(tmp_path, tiny_model
     debug = train(tmp_path, cfg, REINFORGE_DEBUG="1")
     assert debug.returncode == 2 and last_line(debug.stderr) == last_line(run.stderr)
     assert "Traceback (most recent call last)" in debug.stderr and "raise ValueError('bad row')" in debug.stderr
+
+
+RAISES_ON_EVAL_PROMPTS = '''
+CALLS = {"train": 0}
+
+
+def even_tokens(prompts, completions, completion_ids, topic, **kwargs):
+    if min(topic) < 100:
+        CALLS["train"] += 1  # one call per training step
+    elif CALLS["train"] >= 2:  # the held-out prompts, after step 2 (the evaluation before training passes)
+        raise ValueError("eval boom")
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+'''
+
+
+def test_reward_function_raising_in_the_evaluation_names_it_and_checkpoints(tmp_path, tiny_model_dir):
+    """A reward function that raises on the held-out prompts stops the run in one line naming the evaluation and
+    its step, with a checkpoint of that step (its update done) that resumes."""
+    (tmp_path / "my_rewards.py").write_text(RAISES_ON_EVAL_PROMPTS)
+    held = [{"prompt": [{"role": "user", "content": f"Held-out topic {i}."}], "topic": 100 + i} for i in range(2)]
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(r) for r in held))
+    cfg = setup(tmp_path, tiny_model_dir)
+    data = yaml.safe_load((tmp_path / cfg).read_text())
+    data.update(test_datasets=[{"path": "held.jsonl"}], eval_steps=2)
+    (tmp_path / cfg).write_text(yaml.safe_dump(data))
+    run = train(tmp_path, cfg)
+    assert run.returncode == 1, run.stderr
+    assert last_line(run.stderr) == (
+        "error: reward function my_rewards.even_tokens raised ValueError('eval boom') in the evaluation at step 2; "
+        "checkpoint of step 2 written to out/checkpoint-2; fix my_rewards.even_tokens and resume with "
+        "resume_from_checkpoint=true")
+    assert "Traceback" not in run.stderr
+    (tmp_path / "my_rewards.py").write_text(FIXED.replace("**kwargs", "topic, **kwargs"))
+    resumed = train(tmp_path, cfg, "resume_from_checkpoint=true")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s > 2] == [3, 4, 4]  # steps 3 and 4, then the final evaluation
+    # raising in the evaluation before the first step: nothing to resume, and the progress bar is closed first
+    (tmp_path / "my_rewards.py").write_text(RAISES_ON_EVAL_PROMPTS.replace('CALLS["train"] >= 2', "True"))
+    run = train(tmp_path, cfg, "output_dir=out0")
+    assert run.returncode == 1, run.stderr
+    assert last_line(run.stderr) == (
+        "error: reward function my_rewards.even_tokens raised ValueError('eval boom') in the evaluation at step 0; "
+        "no step had completed, nothing to resume")

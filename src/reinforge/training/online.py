@@ -182,10 +182,14 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
             return
         version = before_produce(stream.drain)
         shard = (0, 1, None) if depth else (accelerator.process_index, accelerator.num_processes, accelerator)
-        writer.log(evaluate_online(data.eval, producer, plan.per_process, cfg.seed, version,
-                                   reward_weights=preparer.reward_weights, scale_rewards=preparer.scale_rewards,
-                                   aggregation=preparer.aggregation, scorer=scorer, rank=shard[0],
-                                   world_size=shard[1], accelerator=shard[2]), step)
+        try:
+            metrics = evaluate_online(data.eval, producer, plan.per_process, cfg.seed, version,
+                                      reward_weights=preparer.reward_weights, scale_rewards=preparer.scale_rewards,
+                                      aggregation=preparer.aggregation, scorer=scorer, rank=shard[0],
+                                      world_size=shard[1], accelerator=shard[2])
+        except UserCodeError as exc:  # a reward function raised on an eval prompt
+            _stop_in_evaluation(run, step, stream, exc, _loop_state(acc, stream, rollout_metrics))
+        writer.log(metrics, step)
     params_list = [p for p in module.parameters() if p.requires_grad]
     log.info("%s: %d prompts, %d steps; %d prompts × %d generations per rollout on each of %d processes (%s); loss %s; "
              "beta %g", cfg.rl, len(data.train), total_steps, plan.per_process, t.num_generations,
@@ -194,7 +198,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                disable=not accelerator.is_main_process)
     acc, t0 = MetricsAccumulator.from_state(saved.get("metrics")), time.perf_counter()
     # workers, connections, sync files and the background producer end however the loop ends
-    with run, pool or nullcontext(), backend_resources, closing(stream):
+    with run, pool or nullcontext(), backend_resources, closing(stream), closing(bar):
         if data.eval and run.step == 0:
             evaluate(0)
         for step in bar:
@@ -293,6 +297,27 @@ def _stop_on_user_code_error(run: RunControl, step: int, micro: int, stream: Rol
     """
     where = _checkpoint_before(run, step, micro, stream, state, exc.name)
     err = RunError(f"{exc.what} at step {step}; {where}")
+    err.detail = exc.detail
+    raise err from None
+
+
+def _stop_in_evaluation(run: RunControl, step: int, stream: RolloutStream, exc: UserCodeError,
+                        state: dict[str, Any]) -> None:
+    """A reward function raised in the evaluation at `step` (after that step's update, or before the first):
+    checkpoint step `step` when this is the only process (a checkpoint is written by all processes together, and the
+    others are not here), and stop with one line naming the function, the evaluation and the exception.
+
+    Raises:
+        RunError: the one-line message; its `detail` holds the sample and traceback (`reinforge train --debug`).
+    """
+    if step == 0:
+        where = "no step had completed, nothing to resume"
+    elif run.accelerator.num_processes == 1:
+        where = (f"checkpoint of step {step} written to {run.save(step, stream.position, state)}; fix {exc.name} and "
+                 f"resume with resume_from_checkpoint=true")
+    else:
+        where = "no checkpoint written (the latest checkpoint in output_dir resumes)"
+    err = RunError(f"{exc.what} in the evaluation at step {step}; {where}")
     err.detail = exc.detail
     raise err from None
 
