@@ -210,7 +210,7 @@ def train_online(cfg: ReinforgeConfig) -> dict[str, Any]:
                     _stop_on_server_error(run, step, micro, stream, exc, _loop_state(acc, stream, rollout_metrics))
                 except UserCodeError as exc:  # a reward or rollout function raised
                     _stop_on_user_code_error(run, step, micro, stream, exc, _loop_state(acc, stream, rollout_metrics))
-            # a micro-batch whose advantages are all zero and has no CE rows (on every process: equal collectives) has no gradient
+            # a micro-batch without signal (zero advantages, no CE rows; equal on every process) has no gradient
             active = any_across([mb.has_signal for _, mb in micros], accelerator.device) \
                 if skip_zero else [True] * len(micros)
             last_active = max((i for i, a in enumerate(active) if a), default=-1)
