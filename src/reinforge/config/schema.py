@@ -6,14 +6,30 @@ into one that names the closest valid key. Every field carries a description and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reinforge.algorithms.aggregation import LOSS_TYPES
 from reinforge.algorithms.registry import METHODS, method
 
 RLMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+def check_chat_template_name(value: str | None) -> str | None:
+    """`value` when it is a `chat_template:` name (`reinforge.models.chat_templates.valid_names`) or None.
+
+    Raises:
+        ValueError: an unknown name, listing the valid ones.
+    """
+    from reinforge.models.chat_templates import valid_names
+
+    if value is not None and value not in valid_names():
+        raise ValueError(f"unknown chat_template {value!r}; valid: {', '.join(valid_names())}")
+    return value
+
+
+ChatTemplateName = Annotated[str | None, AfterValidator(check_chat_template_name)]
 
 
 class StrictModel(BaseModel):
@@ -60,13 +76,8 @@ class DatasetConfig(StrictModel):
     roles: dict[str, list[str]] | None = Field(
         default=None, description="Map from standard roles (system, user, assistant) to the role names the data uses, e.g. {user: [human], assistant: [gpt]}."
     )
-    chat_template: str | None = Field(default=None, description="Per-dataset chat template override (as the top-level `chat_template`).")
+    chat_template: ChatTemplateName = Field(default=None, description="Per-dataset chat template override (as the top-level `chat_template`).")
     remove_columns: str | list[str] | None = Field(default=None, description="Columns to drop after a `module.fn` transform; `__all__` drops all original columns.")
-
-    @field_validator("chat_template")
-    @classmethod
-    def _known_chat_template(cls, value: str | None) -> str | None:
-        return check_chat_template_name(value)
 
     @model_validator(mode="after")
     def _path_or_files(self) -> "DatasetConfig":
@@ -74,19 +85,6 @@ class DatasetConfig(StrictModel):
             raise ValueError("a dataset needs `path` (a file, directory or Hub name) or `data_files` (local files, "
                              "with `ds_type` or a known extension)")
         return self
-
-
-def check_chat_template_name(value: str | None) -> str | None:
-    """`value` when it is a `chat_template:` name (`reinforge.models.chat_templates.valid_names`) or None.
-
-    Raises:
-        ValueError: an unknown name, listing the valid ones.
-    """
-    from reinforge.models.chat_templates import valid_names
-
-    if value is not None and value not in valid_names():
-        raise ValueError(f"unknown chat_template {value!r}; valid: {', '.join(valid_names())}")
-    return value
 
 
 from reinforge.config.async_grpo import AsyncGRPOKeys  # noqa: E402
@@ -169,7 +167,7 @@ class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, Str
     # --- model ---
     base_model: str = Field(description="Hugging Face directory, Hub id (offline when cached) or a `.gguf` file.")
     tokenizer_config: str | None = Field(default=None, description="Tokenizer directory/id, if not the model's own.")
-    chat_template: str | None = Field(
+    chat_template: ChatTemplateName = Field(
         default=None,
         description="`tokenizer_default` (the tokenizer's own), `chatml`, `llama3`, ... or `jinja` with `chat_template_jinja`.",
     )
@@ -276,11 +274,6 @@ class ReinforgeConfig(NemoGymKeys, PreferenceKeys, PerformanceKeys, RunKeys, Str
     save_steps: int | None = Field(default=None, ge=1, description="Write a checkpoint every N steps.")
     seed: int = Field(default=42, ge=0, description="Random seed (data order, initialisation, sampling).")
     use_tensorboard: bool = Field(default=True, description="Also write metrics to TensorBoard under output_dir/runs.")
-
-    @field_validator("chat_template")
-    @classmethod
-    def _known_chat_template(cls, value: str | None) -> str | None:
-        return check_chat_template_name(value)
 
     @model_validator(mode="after")
     def _check(self) -> "ReinforgeConfig":
