@@ -266,15 +266,23 @@ def _loop_state(acc: MetricsAccumulator, stream: RolloutStream, rollout_metrics:
     return {"metrics": acc.state_dict(), "rollout": stream.state(), "rollout_metrics": rollout_metrics.state_dict()}
 
 
+NOTHING_TO_RESUME = "no step had completed, nothing to resume"
+
+
+def _checkpoint(run: RunControl, step: int, stream: RolloutStream, state: dict[str, Any], fix: str) -> str:
+    """Write checkpoint-`step` (the stream where `step` ended); returns where it is and how to resume."""
+    path = run.save(step, stream.position, state)
+    return f"checkpoint of step {step} written to {path}; fix {fix} and resume with resume_from_checkpoint=true"
+
+
 def _checkpoint_before(run: RunControl, step: int, micro: int, stream: RolloutStream, state: dict[str, Any],
                        fix: str) -> str:
     """A rollout for `step` failed. When no micro-batch of this step has run, the stream is still where step - 1
     ended: checkpoint it (resumable exactly). Returns what was written and how to resume (`fix`: what to fix)."""
     if step > 1 and micro == 0:
-        path = run.save(step - 1, stream.position, state)
-        return f"checkpoint of step {step - 1} written to {path}; fix {fix} and resume with resume_from_checkpoint=true"
+        return _checkpoint(run, step - 1, stream, state, fix)
     if step == 1 and micro == 0:
-        return "no step had completed, nothing to resume"
+        return NOTHING_TO_RESUME
     return ("no checkpoint written (the failure came in the middle of an accumulation step; the latest "
             "checkpoint in output_dir resumes)")
 
@@ -290,34 +298,29 @@ def _stop_on_server_error(run: RunControl, step: int, micro: int, stream: Rollou
 def _stop_on_user_code_error(run: RunControl, step: int, micro: int, stream: RolloutStream, exc: UserCodeError,
                              state: dict[str, Any]) -> None:
     """A reward or rollout function raised while a rollout for `step` was produced: checkpoint
-    (`_checkpoint_before`) and stop with one line naming the function, the step and the exception.
-
-    Raises:
-        RunError: the one-line message; its `detail` holds the sample and traceback (`reinforge train --debug`).
-    """
-    where = _checkpoint_before(run, step, micro, stream, state, exc.name)
-    err = RunError(f"{exc.what} at step {step}; {where}")
-    err.detail = exc.detail
-    raise err from None
+    (`_checkpoint_before`) and stop with one line naming the function, the step and the exception
+    (`_raise_user_code`)."""
+    _raise_user_code(exc, f"at step {step}", _checkpoint_before(run, step, micro, stream, state, exc.name))
 
 
 def _stop_in_evaluation(run: RunControl, step: int, stream: RolloutStream, exc: UserCodeError,
                         state: dict[str, Any]) -> None:
     """A reward function raised in the evaluation at `step` (after that step's update, or before the first):
     checkpoint step `step` when this is the only process (a checkpoint is written by all processes together, and the
-    others are not here), and stop with one line naming the function, the evaluation and the exception.
-
-    Raises:
-        RunError: the one-line message; its `detail` holds the sample and traceback (`reinforge train --debug`).
-    """
+    others are not here), and stop with one line naming the function, the evaluation and the exception."""
     if step == 0:
-        where = "no step had completed, nothing to resume"
+        where = NOTHING_TO_RESUME
     elif run.accelerator.num_processes == 1:
-        where = (f"checkpoint of step {step} written to {run.save(step, stream.position, state)}; fix {exc.name} and "
-                 f"resume with resume_from_checkpoint=true")
+        where = _checkpoint(run, step, stream, state, exc.name)
     else:
         where = "no checkpoint written (the latest checkpoint in output_dir resumes)"
-    err = RunError(f"{exc.what} in the evaluation at step {step}; {where}")
+    _raise_user_code(exc, f"in the evaluation at step {step}", where)
+
+
+def _raise_user_code(exc: UserCodeError, when: str, where: str) -> None:
+    """Raises RunError `<what the function raised> <when>; <where>`; its `detail` holds the sample and traceback
+    (`reinforge train --debug`)."""
+    err = RunError(f"{exc.what} {when}; {where}")
     err.detail = exc.detail
     raise err from None
 
